@@ -1,0 +1,5 @@
+//! # gptoss-engine
+//!
+//! The backend-independent core: sampling and stop conditions.
+
+pub mod sampling;
