@@ -3,3 +3,4 @@
 //! The backend-independent core: sampling and stop conditions.
 
 pub mod sampling;
+pub mod stop;
