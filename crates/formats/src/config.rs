@@ -54,8 +54,12 @@ pub struct GptOssConfig {
     pub num_key_value_heads: usize,
     pub head_dim: usize,
     pub num_local_experts: usize,
-    #[serde(alias = "experts_per_token")]
+    /// Experts per token (transformers' name); OpenAI's configs also carry `experts_per_token`,
+    /// used when this one is absent.
+    #[serde(default)]
     pub num_experts_per_tok: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experts_per_token: Option<usize>,
     pub vocab_size: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
@@ -122,6 +126,9 @@ impl GptOssConfig {
         }
         let mut cfg: GptOssConfig = serde_json::from_value(value)
             .map_err(|e| format!("invalid GPT-OSS config: {e}"))?;
+        if cfg.num_experts_per_tok == 0 {
+            cfg.num_experts_per_tok = cfg.experts_per_token.unwrap_or(0);
+        }
         if cfg.layer_types.is_empty() {
             // transformers' default: even layers slide, odd layers attend fully (model.md §1).
             cfg.layer_types = (0..cfg.num_hidden_layers)
@@ -147,7 +154,7 @@ impl GptOssConfig {
             ("num_key_value_heads", self.num_key_value_heads),
             ("head_dim", self.head_dim),
             ("num_local_experts", self.num_local_experts),
-            ("num_experts_per_tok", self.num_experts_per_tok),
+            ("num_experts_per_tok (or experts_per_token)", self.num_experts_per_tok),
             ("vocab_size", self.vocab_size),
             ("sliding_window", self.sliding_window),
         ];

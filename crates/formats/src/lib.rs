@@ -16,7 +16,10 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod hub;
+pub mod inspect;
+pub mod synth;
 pub mod weights;
+pub mod writer;
 
 pub use checkpoint::{Checkpoint, DType, TensorRef};
 pub use config::GptOssConfig;
