@@ -572,3 +572,60 @@ fn deserialisation_defaults_and_top_k_conventions() {
     let err = serde_json::from_str::<SamplingParams>(r#"{"top_k": -5}"#).unwrap_err();
     assert!(err.to_string().contains("Invalid 'top_k'"), "{err}");
 }
+
+#[test]
+fn draw_depends_only_on_the_surviving_set_not_on_how_it_was_filtered() {
+    // top_k = n - 1 (which partially reorders the candidates) and masking
+    // the least likely token with -inf leave the same survivors, so the same
+    // seed must draw the same tokens.
+    let logits = pseudo_logits(5000, 17).iter().map(|x| x * 0.05).collect::<Vec<_>>();
+    let worst = (0..logits.len()).min_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap();
+    let mut masked = logits.clone();
+    masked[worst] = f32::NEG_INFINITY;
+    let mut a = seeded(
+        SamplingParams {
+            top_k: Some(logits.len() - 1),
+            ..Default::default()
+        },
+        6,
+    );
+    let mut b = seeded(SamplingParams::default(), 6);
+    for _ in 0..50 {
+        assert_eq!(a.sample(&logits).unwrap().id, b.sample(&masked).unwrap().id);
+    }
+}
+
+/// Rough per-step cost on a GPT-OSS-sized vocabulary. Run with
+/// `cargo test --release -p gptoss-engine --test sampling -- --ignored --nocapture`.
+#[test]
+#[ignore = "timing report, not a check"]
+fn timing_full_vocabulary() {
+    let logits = pseudo_logits(201_088, 5);
+    let cases: [(&str, SamplingParams); 6] = [
+        ("greedy", SamplingParams::greedy()),
+        ("temperature 1", SamplingParams::default()),
+        ("top_k 50", SamplingParams { top_k: Some(50), ..Default::default() }),
+        ("top_p 0.9", SamplingParams { top_p: 0.9, ..Default::default() }),
+        ("min_p 0.05", SamplingParams { min_p: 0.05, ..Default::default() }),
+        (
+            "top_k 50 + top_p + 20 logprobs + penalties",
+            SamplingParams {
+                top_k: Some(50),
+                top_p: 0.9,
+                logprobs: Some(20),
+                presence_penalty: 0.5,
+                frequency_penalty: 0.5,
+                ..Default::default()
+            },
+        ),
+    ];
+    for (name, params) in cases {
+        let mut s = seeded(params, 1);
+        let steps = 200;
+        let t = std::time::Instant::now();
+        for _ in 0..steps {
+            s.sample(&logits).unwrap();
+        }
+        println!("{name:>45}: {:8.1} µs/step", t.elapsed().as_secs_f64() * 1e6 / steps as f64);
+    }
+}
