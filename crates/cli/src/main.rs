@@ -1,1 +1,41 @@
-fn main() {}
+//! `gptoss`: the command-line front end. Subcommands only parse flags and call the crates.
+
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Run OpenAI's GPT-OSS models (Unsloth bnb-4bit, MXFP4 or bf16 checkpoints).
+#[derive(Parser)]
+#[command(name = "gptoss", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show what a checkpoint holds and whether it loads (reads headers only).
+    Inspect(commands::inspect::Args),
+    /// Write a random-weight checkpoint of the real on-disk format.
+    Synth(commands::synth::Args),
+    /// Rewrite a checkpoint in another layout.
+    Convert(commands::convert::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(a) => commands::inspect::run(a),
+        Command::Synth(a) => commands::synth::run(a),
+        Command::Convert(a) => commands::convert::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -14,6 +14,7 @@
 pub mod checkpoint;
 pub mod codec;
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod hub;
 pub mod inspect;

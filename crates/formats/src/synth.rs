@@ -28,6 +28,8 @@ pub enum Preset {
     Gpt120b,
     /// A tiny model with the real vocabulary (the bundled demo model): 2 layers, 4 experts.
     Tiny,
+    /// The smallest valid model (vocab 512, 2 layers, 4 experts), for tests.
+    Micro,
 }
 
 /// On-disk layouts `synth` (and `convert`) can write.
@@ -60,6 +62,7 @@ pub fn preset_config(preset: Preset) -> serde_json::Value {
         Preset::Gpt20b => (24, 32, 2880, 2880, 64, 8, 64, 201088, 4),
         Preset::Gpt120b => (36, 128, 2880, 2880, 64, 8, 64, 201088, 4),
         Preset::Tiny => (2, 4, 64, 64, 4, 2, 16, 201088, 2),
+        Preset::Micro => (2, 4, 64, 64, 4, 2, 16, 512, 2),
     };
     let layer_types: Vec<&str> = (0..layers)
         .map(|i| if i % 2 == 0 { "sliding_attention" } else { "full_attention" })
@@ -160,6 +163,14 @@ pub fn nf4_linear_tensors(prefix: &str, values: &[f32], rows: usize, cols: usize
         .collect()
 }
 
+/// The six tensor names a quantized `Linear4bit` weight `prefix` is stored as.
+pub fn nf4_names(prefix: &str) -> Vec<String> {
+    ["", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4"]
+        .iter()
+        .map(|s| format!("{prefix}{s}"))
+        .collect()
+}
+
 /// Rounds values to bf16 precision in place (so they are exactly what a bf16 checkpoint holds).
 pub fn round_to_bf16(values: &mut [f32]) {
     values.par_iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
@@ -169,7 +180,7 @@ struct Plan {
     seed: u64,
     cfg: Arc<GptOssConfig>,
     layout: SynthLayout,
-    groups: Vec<TensorGroup>,
+    groups: Vec<TensorGroup<'static>>,
 }
 
 impl Plan {
@@ -191,10 +202,7 @@ impl Plan {
     fn nf4(&mut self, prefix: String, rows: usize, cols: usize) {
         let seed = self.seed;
         let n = rows * cols;
-        let names = ["", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4"]
-            .iter()
-            .map(|s| format!("{prefix}{s}"))
-            .collect();
+        let names = nf4_names(&prefix);
         let approx = (n / 2 + n / 64 + n / 64 / 256 * 4 + 1300) as u64;
         self.groups.push(TensorGroup::new(names, approx, move || {
             let mut v = random_uniform(seed, &prefix, n, half_width(0.02));
@@ -228,7 +236,7 @@ impl Plan {
         }));
     }
 
-    fn build(mut self) -> Vec<TensorGroup> {
+    fn build(mut self) -> Vec<TensorGroup<'static>> {
         let c = self.cfg.clone();
         let (h, i, e, v) = (c.hidden_size, c.intermediate_size, c.num_local_experts, c.vocab_size);
         let w = half_width(0.02);

@@ -54,22 +54,22 @@ impl OwnedTensor {
 }
 
 /// Work that produces some tensors, run when the writer reaches it.
-pub type Producer = Box<dyn FnOnce() -> Result<Vec<OwnedTensor>> + Send>;
+pub type Producer<'a> = Box<dyn FnOnce() -> Result<Vec<OwnedTensor>> + Send + 'a>;
 
 /// Tensors produced together: their names (known up front, to size the shard header), an
 /// estimate of their bytes (to split shards) and the work that produces them.
-pub struct TensorGroup {
+pub struct TensorGroup<'a> {
     pub names: Vec<String>,
     pub approx_bytes: u64,
-    pub produce: Producer,
+    pub produce: Producer<'a>,
 }
 
-impl TensorGroup {
+impl<'a> TensorGroup<'a> {
     /// A group from its tensor names, a size estimate and a producer.
     pub fn new(
         names: Vec<String>,
         approx_bytes: u64,
-        produce: impl FnOnce() -> Result<Vec<OwnedTensor>> + Send + 'static,
+        produce: impl FnOnce() -> Result<Vec<OwnedTensor>> + Send + 'a,
     ) -> Self {
         TensorGroup { names, approx_bytes, produce: Box::new(produce) }
     }
@@ -201,7 +201,7 @@ fn header_reserve(names_len: usize, count: usize) -> usize {
 
 /// Writes a complete checkpoint directory: shards (+ index when more than one, or when forced)
 /// and `config.json`. Refuses to write into a directory that already holds a checkpoint.
-pub fn write_checkpoint(out: &Path, config_json: &str, groups: Vec<TensorGroup>, opts: WriteOptions) -> Result<WriteSummary> {
+pub fn write_checkpoint(out: &Path, config_json: &str, groups: Vec<TensorGroup<'_>>, opts: WriteOptions) -> Result<WriteSummary> {
     if out.join("config.json").exists() || out.join(SINGLE_FILE).exists() || out.join(INDEX_FILE).exists() {
         return Err(FormatError::Invalid(format!(
             "{}: already holds a checkpoint; choose an empty or new directory",
@@ -243,7 +243,7 @@ pub fn write_checkpoint(out: &Path, config_json: &str, groups: Vec<TensorGroup>,
     let mut weight_map = BTreeMap::new();
     let mut summary = WriteSummary { shards: Vec::new(), tensors: 0, bytes: 0 };
     while groups.peek().is_some() {
-        let batch: Vec<(TensorGroup, usize)> = groups.by_ref().take(window).collect();
+        let batch: Vec<(TensorGroup<'_>, usize)> = groups.by_ref().take(window).collect();
         let produced: Vec<(Result<Vec<OwnedTensor>>, usize)> =
             batch.into_par_iter().map(|(g, s)| ((g.produce)(), s)).collect();
         for (tensors, s) in produced {
