@@ -345,6 +345,17 @@ struct Mapper<'a> {
     used: RefCell<BTreeSet<String>>,
 }
 
+/// Whether `found` is `expected` with its last two dimensions swapped.
+fn is_transposed(found: &[usize], expected: &[usize]) -> bool {
+    let n = expected.len();
+    if n < 2 || found.len() != n || found == expected {
+        return false;
+    }
+    let mut swapped = expected.to_vec();
+    swapped.swap(n - 2, n - 1);
+    found == swapped.as_slice()
+}
+
 fn shape_str(s: &[usize]) -> String {
     format!("{s:?}")
 }
@@ -371,9 +382,7 @@ impl<'a> Mapper<'a> {
         if t.shape == expected {
             return true;
         }
-        let mut rev = expected.to_vec();
-        rev.reverse();
-        let hint = if expected.len() >= 2 && t.shape == rev.as_slice() {
+        let hint = if is_transposed(t.shape, expected) {
             " (transposed? the layout probe does not guess: fix the checkpoint or its converter)"
         } else {
             ""
@@ -430,9 +439,7 @@ impl<'a> Mapper<'a> {
     }
 
     fn check_json_shape(&self, t: &TensorRef<'_>, found: &[usize], expected: &[usize]) {
-        let mut rev = expected.to_vec();
-        rev.reverse();
-        let hint = if found == rev.as_slice() { " (transposed?)" } else { "" };
+        let hint = if is_transposed(found, expected) { " (transposed?)" } else { "" };
         self.report(t.error(format!(
             "quant-state shape {} does not match the config: expected {}{hint}",
             shape_str(found),
