@@ -492,3 +492,24 @@ fn tokenizer_json_matches_embedded_on_random_text() {
         );
     }
 }
+
+/// Long runs (which make the o200k regex backtrack) encode, alike, with both sources.
+#[test]
+fn huge_inputs_do_not_panic() {
+    let hf = hf_tokenizer();
+    let emb = Tokenizer::embedded().unwrap();
+    for text in [
+        " ".repeat(200_000),
+        "\n".repeat(100_000),
+        format!("a{}b", " \t".repeat(50_000)),
+        "é".repeat(100_000),
+        "!".repeat(100_000),
+    ] {
+        let t = Instant::now();
+        let a = emb.encode_ordinary(&text).unwrap();
+        let b = hf.encode_ordinary(&text).unwrap();
+        eprintln!("{} bytes: {:.1?}", text.len(), t.elapsed());
+        assert_eq!(a, b);
+        assert_eq!(emb.decode(&a), text);
+    }
+}
