@@ -5,4 +5,5 @@
 //! - [`harmony`]: rendering conversations and parsing completions in the Harmony format.
 
 pub mod harmony;
+pub mod reference;
 pub mod tokenizer;

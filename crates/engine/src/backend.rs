@@ -1,0 +1,173 @@
+//! The one seam between the serving core and the hardware: [`Backend`].
+//!
+//! A backend owns the weights and one KV cache per live sequence. The scheduler hands it a
+//! [`StepBatch`] — for each sequence, the next tokens to feed (a whole prompt chunk for prefill,
+//! one token for decode) and the position of the first one — and gets back logits for the rows it
+//! asked for. Sequences are identified by [`SeqId`]; a backend creates a sequence's cache on the
+//! first step that starts at position 0 and frees it on [`Backend::release`].
+//!
+//! The contract every backend (CPU reference, CUDA) implements identically:
+//! - `start_pos` must equal the number of tokens the backend already holds for that sequence,
+//!   otherwise the step is refused ([`BackendError::PositionMismatch`]): positions are never
+//!   guessed, so a scheduler bug cannot silently corrupt a cache;
+//! - a batch is all-or-nothing: on error no cache has changed;
+//! - logits rows follow the steps' order; within a step, `All` returns one row per token,
+//!   `Last` only the row of the last token.
+
+use gptoss_formats::GptOssConfig;
+
+/// Identifies a sequence across steps.
+pub type SeqId = u64;
+
+/// Which logits rows a step wants back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsWanted {
+    /// Only the last token's row (generation).
+    Last,
+    /// One row per token of the step (scoring, prompt logprobs, tests).
+    All,
+}
+
+/// The next tokens of one sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqStep {
+    pub seq: SeqId,
+    /// At least one token.
+    pub tokens: Vec<u32>,
+    /// Position of `tokens[0]`: must equal the length the backend already holds for `seq`.
+    pub start_pos: usize,
+    pub want_logits: LogitsWanted,
+}
+
+/// One forward call: at most one step per sequence.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepBatch {
+    pub steps: Vec<SeqStep>,
+}
+
+impl StepBatch {
+    /// Total number of tokens fed by the batch.
+    pub fn num_tokens(&self) -> usize {
+        self.steps.iter().map(|s| s.tokens.len()).sum()
+    }
+}
+
+/// Logits of a [`StepBatch`], per step, as rows of `vocab_size` f32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logits {
+    vocab_size: usize,
+    steps: Vec<Vec<f32>>,
+}
+
+impl Logits {
+    /// Builds the result from per-step row blocks (each a multiple of `vocab_size` long).
+    pub fn new(vocab_size: usize, steps: Vec<Vec<f32>>) -> Self {
+        assert!(
+            steps.iter().all(|s| s.len() % vocab_size == 0),
+            "logits rows are vocab_size wide"
+        );
+        Logits { vocab_size, steps }
+    }
+
+    /// Width of a row.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// Number of steps.
+    pub fn num_steps(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// All rows of step `i`, concatenated (`[rows, vocab]`).
+    pub fn step(&self, i: usize) -> &[f32] {
+        &self.steps[i]
+    }
+
+    /// The rows of step `i`.
+    pub fn rows(&self, i: usize) -> impl ExactSizeIterator<Item = &[f32]> {
+        self.steps[i].chunks_exact(self.vocab_size)
+    }
+
+    /// The last row of step `i` (its last token's logits).
+    pub fn last(&self, i: usize) -> &[f32] {
+        let s = &self.steps[i];
+        &s[s.len() - self.vocab_size..]
+    }
+
+    /// The per-step blocks.
+    pub fn into_steps(self) -> Vec<Vec<f32>> {
+        self.steps
+    }
+}
+
+/// Why a backend refused or failed a step.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// A step's `start_pos` is not the length the backend holds for the sequence.
+    #[error(
+        "sequence {seq}: step starts at position {start_pos}, but {cached} tokens are cached (a new sequence starts at 0)"
+    )]
+    PositionMismatch {
+        seq: SeqId,
+        start_pos: usize,
+        cached: usize,
+    },
+    /// A sequence appears twice in one batch.
+    #[error("sequence {0} appears more than once in the batch")]
+    DuplicateSeq(SeqId),
+    /// A step without tokens.
+    #[error("sequence {0}: a step needs at least one token")]
+    EmptyStep(SeqId),
+    /// The batch feeds more tokens than [`Backend::max_batch_tokens`].
+    #[error("the batch has {tokens} tokens, more than this backend's limit of {max}")]
+    BatchTooLarge { tokens: usize, max: usize },
+    /// The input is invalid for the model (token id beyond the vocabulary, position beyond the
+    /// context, …).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// The backend could not load or run the model.
+    #[error("backend failure: {0}")]
+    Failed(String),
+}
+
+/// A device that runs the GPT-OSS forward pass for batches of sequences.
+pub trait Backend: Send {
+    /// A short name for logs (`"cpu-reference"`, `"cuda"`).
+    fn name(&self) -> &str;
+
+    /// The model configuration.
+    fn config(&self) -> &GptOssConfig;
+
+    /// Feeds every step's tokens, extends each sequence's cache, and returns the wanted logits.
+    fn forward(&mut self, batch: &StepBatch) -> Result<Logits, BackendError>;
+
+    /// Frees the cache of `seq` (no-op for an unknown sequence). A later step for `seq` must
+    /// start at 0 again.
+    fn release(&mut self, seq: SeqId);
+
+    /// The most tokens one [`StepBatch`] may feed.
+    fn max_batch_tokens(&self) -> usize;
+}
+
+/// Checks what every backend must refuse regardless of the hardware: empty steps, duplicate
+/// sequences and oversized batches.
+pub fn validate_batch(batch: &StepBatch, max_batch_tokens: usize) -> Result<(), BackendError> {
+    let mut seen = std::collections::HashSet::new();
+    for s in &batch.steps {
+        if s.tokens.is_empty() {
+            return Err(BackendError::EmptyStep(s.seq));
+        }
+        if !seen.insert(s.seq) {
+            return Err(BackendError::DuplicateSeq(s.seq));
+        }
+    }
+    let tokens = batch.num_tokens();
+    if tokens > max_batch_tokens {
+        return Err(BackendError::BatchTooLarge {
+            tokens,
+            max: max_batch_tokens,
+        });
+    }
+    Ok(())
+}
