@@ -302,6 +302,7 @@ impl Tokenizer {
     }
 
     /// `dir/tokenizer.json` when the checkpoint directory has one, else [`Tokenizer::embedded`].
+    /// A `tokenizer.json` that exists but cannot be loaded is an error, not a silent fallback.
     pub fn for_model_dir(dir: impl AsRef<Path>) -> Result<Tokenizer, TokenizerError> {
         let file = dir.as_ref().join("tokenizer.json");
         if file.is_file() {
@@ -542,11 +543,14 @@ fn hf_vocab_entries(json: &Value) -> Result<Vec<(u32, Vec<u8>, bool)>, String> {
             .as_u64()
             .and_then(|v| u32::try_from(v).ok())
             .ok_or_else(|| format!("vocab entry {token:?} has a bad id {id}"))?;
-        let bytes = token
-            .chars()
-            .map(|c| alphabet.get(&c).copied())
-            .collect::<Option<Vec<u8>>>()
-            .ok_or_else(|| format!("vocab entry {token:?} is not in the byte-level alphabet"))?;
+        // As `tokenizers` does: a char outside the byte alphabet stands for its own UTF-8.
+        let mut bytes = Vec::with_capacity(token.len());
+        for c in token.chars() {
+            match alphabet.get(&c) {
+                Some(&b) => bytes.push(b),
+                None => bytes.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+            }
+        }
         entries.push((id, bytes, false));
     }
     if let Some(added) = json.get("added_tokens").and_then(Value::as_array) {
