@@ -272,6 +272,7 @@ pub struct ProbeReport<'a> {
 
 /// Detects the layout from tensor names and maps every tensor, collecting all problems.
 pub fn probe(ckpt: &Checkpoint) -> ProbeReport<'_> {
+    prefetch_quant_states(ckpt);
     let m = Mapper {
         ckpt,
         cfg: ckpt.config(),
@@ -298,6 +299,30 @@ pub fn probe(ckpt: &Checkpoint) -> ProbeReport<'_> {
         problems,
         unused,
     }
+}
+
+/// Reads every quant-state JSON in parallel before the (sequential) probe parses them. They are
+/// small but scattered through the shards: on a cold page cache, reading 1,536 of them one fault
+/// at a time took 5.6 s for 20b; in parallel the faults overlap.
+fn prefetch_quant_states(ckpt: &Checkpoint) {
+    // I/O-bound: more threads than cores keeps more reads in flight.
+    const THREADS: usize = 32;
+    let states: Vec<&[u8]> = ckpt
+        .tensors()
+        .filter(|t| t.name.contains(".quant_state.bitsandbytes__"))
+        .map(|t| t.bytes)
+        .collect();
+    if states.len() < 64 {
+        return;
+    }
+    std::thread::scope(|s| {
+        for part in states.chunks(states.len().div_ceil(THREADS)) {
+            s.spawn(move || {
+                let touched: u64 = part.iter().map(|b| b.iter().step_by(4096).map(|x| *x as u64).sum::<u64>()).sum();
+                std::hint::black_box(touched);
+            });
+        }
+    });
 }
 
 fn layout_of(ckpt: &Checkpoint) -> Option<Layout> {
