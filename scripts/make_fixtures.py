@@ -204,16 +204,39 @@ def bnb_quantize(t, quant_type="nf4", nested=True, blocksize=64):
     return d
 
 
-def bnb_dequant_stored(tensors, prefix):
+def bnb_dequant_stored(tensors, prefix, backend="native"):
     """bnb's float32 dequantization of a stored 4-bit tensor (QuantState rebuilt from the stored
-    companions, output dtype forced to float32), reshaped to the JSON shape."""
+    companions, output dtype forced to float32), reshaped to the JSON shape.
+
+    It is computed twice: by `dequantize_4bit` (on CPU: bnb's native kernel) and by bnb's
+    pure-torch reference backend (`backends/default/ops.py`), which must agree. They do not when
+    the last dim is even but not a multiple of the blocksize: bnb 0.50.2's native CPU kernel
+    indexes the absmax per row with `n // blocksize` blocks per row, which is wrong once blocks
+    straddle rows (never the case for GPT-OSS: every dim is a multiple of 64). For such a tensor
+    pass backend="default" to get the correct (flat-block, CUDA-equivalent) values."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
     comp = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
     qs = bnbF.QuantState.from_dict(comp, device=torch.device("cpu"))
     qs = copy.copy(qs)
     qs.dtype = torch.float32
-    out = bnbF.dequantize_4bit(tensors[prefix], qs)
-    assert out.dtype == torch.float32
-    return out.reshape(qs.shape).contiguous()
+    native = bnbF.dequantize_4bit(tensors[prefix], qs).reshape(qs.shape).contiguous()
+    assert native.dtype == torch.float32
+    absmax = qs.absmax
+    if qs.nested:
+        absmax = bnbF.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+    default = _dequantize_4bit_compute(
+        tensors[prefix].reshape(-1), absmax, _get_4bit_code(qs.quant_type, torch.device("cpu")), qs.blocksize,
+        qs.shape, torch.float32,
+    ).reshape(qs.shape)
+    straddles = qs.shape[-1] % qs.blocksize != 0 and qs.shape[-1] % 2 == 0
+    if backend == "native":
+        assert not straddles, f"{prefix}: bnb's native CPU dequant is wrong for shape {tuple(qs.shape)}"
+        assert torch.equal(native, default), f"{prefix}: native and default dequant differ"
+        return native
+    assert straddles and not torch.equal(native, default)
+    return default.contiguous()
 
 
 def fnv1a64(data: bytes) -> int:
@@ -639,7 +662,7 @@ def codec_cases():
     cases["nf4_nested_bf16"] = ((torch.randn(300, 128, generator=g) * 0.02).to(torch.bfloat16), "nf4", True)
     cases["nf4_nested_f32"] = (torch.randn(64, 192, generator=g) * 0.05, "nf4", True)
     cases["nf4_plain_bf16"] = ((torch.randn(128, 64, generator=g) * 0.03).to(torch.bfloat16), "nf4", False)
-    cases["fp4_nested_bf16"] = ((torch.randn(256, 96, generator=g) * 0.04).to(torch.bfloat16), "fp4", True)
+    cases["fp4_nested_bf16"] = ((torch.randn(192, 128, generator=g) * 0.04).to(torch.bfloat16), "fp4", True)
     cases["fp4_plain_f32"] = (torch.randn(32, 64, generator=g), "fp4", False)
     # edge cases: zero blocks, exact ties on the NF4 midpoints, values at +-absmax, subnormals
     code = bnbF.get_4bit_type("nf4", device="cpu")
@@ -666,6 +689,9 @@ def codec_cases():
     cases["nf4_nested_edge"] = (torch.stack(rows).float(), "nf4", True)
     # odd element count: a partial last block (divided, not multiplied) and a padded nibble
     cases["nf4_nested_odd"] = (torch.randn(5, 77, generator=g) * 0.1, "nf4", True)
+    # blocks straddle rows (last dim 96): `.dequant` from bnb's pure-torch backend, because
+    # bnb 0.50.2's native CPU dequantize_4bit is wrong for this shape (see bnb_dequant_stored)
+    cases["nf4_nested_rowstraddle"] = ((torch.randn(48, 96, generator=g) * 0.02).to(torch.bfloat16), "nf4", True)
     out = {}
     for name, (x, qt, nested) in cases.items():
         q = bnb_quantize(x, qt, nested)
@@ -673,7 +699,9 @@ def codec_cases():
         for suf, t in q.items():
             out[f"{name}.weight" + ("." + suf if suf else "")] = t.contiguous()
         out[f"{name}.dequant"] = bnb_dequant_stored(
-            {f"w{('.' + s) if s else ''}": t for s, t in q.items()}, "w"
+            {f"w{('.' + s) if s else ''}": t for s, t in q.items()},
+            "w",
+            backend="default" if name.endswith("rowstraddle") else "native",
         )
     return out
 

@@ -72,9 +72,13 @@ fn encode_row(row: &[f32], blocks: &mut [u8], scales: &mut [u8]) {
 /// of the module docs (reshape to `[rows, cols/32, 16]` and `[rows, cols/32]`). Rows are
 /// encoded in parallel.
 pub fn quantize_mxfp4(values: &[f32], rows: usize, cols: usize) -> (Vec<u8>, Vec<u8>) {
-    assert_eq!(values.len(), rows * cols, "values do not match [{rows}, {cols}]");
+    assert_eq!(
+        values.len(),
+        rows * cols,
+        "values do not match [{rows}, {cols}]"
+    );
     assert!(
-        cols % MXFP4_BLOCK == 0,
+        cols.is_multiple_of(MXFP4_BLOCK),
         "MXFP4 needs cols to be a multiple of 32, got {cols}"
     );
     let mut blocks = vec![0u8; rows * cols / 2];
@@ -96,7 +100,9 @@ mod tests {
     use super::*;
 
     fn decode(blocks: &[u8], scales: &[u8], rows: usize, cols: usize) -> Vec<f32> {
-        Mxfp4Matrix::new(blocks, scales, rows, cols).unwrap().to_f32()
+        Mxfp4Matrix::new(blocks, scales, rows, cols)
+            .unwrap()
+            .to_f32()
     }
 
     #[test]
@@ -158,7 +164,10 @@ mod tests {
         let (b, s) = quantize_mxfp4(&vals, 1, 64);
         assert_eq!(s, vec![127, 0]);
         let d = decode(&b, &s, 1, 64);
-        assert_eq!(&d[..10], &[6.0, 0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, -1.0, 0.0]);
+        assert_eq!(
+            &d[..10],
+            &[6.0, 0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, -1.0, 0.0]
+        );
         assert_eq!(b[4] >> 4, 0, "-0.0 encodes as +0");
         assert!(b[16..].iter().all(|&x| x == 0));
     }

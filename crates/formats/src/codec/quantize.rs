@@ -222,6 +222,8 @@ fn ceil_log2(x: usize) -> usize {
 }
 
 /// `multi_row_sum<acc, 4>`: sums `size` rows of 4 accumulators with 4 cascade levels.
+/// (Index loops on purpose: the structure mirrors torch's source line by line.)
+#[allow(clippy::needless_range_loop)]
 fn multi_row_sum<T: SumAcc>(elems: &[T], size: usize) -> [T; 4] {
     const LEVELS: usize = 4;
     let level_power = 4.max(ceil_log2(size) / LEVELS);
@@ -489,7 +491,10 @@ const BLOCKS_PER_TASK: usize = 1024;
 
 /// The first (4-bit) level: packed nibbles and the f32 absmax per block.
 fn quantize_level1(values: &[f32], blocksize: usize, kind: Bnb4Kind) -> (Vec<u8>, Vec<f32>) {
-    assert!(blocksize >= 2 && blocksize % 2 == 0, "blocksize must be even");
+    assert!(
+        blocksize >= 2 && blocksize.is_multiple_of(2),
+        "blocksize must be even"
+    );
     let n = values.len();
     let nblk = n.div_ceil(blocksize);
     let full = n / blocksize;
@@ -617,9 +622,14 @@ pub fn quantize_nf4(
     quantize_4bit(values, shape, &opts)
 }
 
-/// Python's `repr(float)` (what `json.dumps` writes): the shortest round-trip digits, in
-/// positional notation when the decimal exponent is in `-4 ..= 15`, else `d.ddde±XX`; a
-/// positional integer value gets `.0`.
+/// Python's `repr(float)` (what `json.dumps` writes): the shortest digit string that reads back
+/// as `x`, choosing the closest such string (an exact tie goes to the even digit, as David Gay's
+/// `dtoa` does), in positional notation when the decimal exponent is in `-4 ..= 15`, else
+/// `d.ddde±XX`; a positional integer value gets `.0`.
+///
+/// Rust's shortest `{:e}` is not enough: for 1.38455963134765625 it prints ...563 where Python
+/// prints ...562 (both 17 digits, equally close). Rust's fixed-precision formatting is exact
+/// with ties to even, so the first precision that round-trips gives Python's digits.
 pub fn python_float_repr(x: f64) -> String {
     if x.is_nan() {
         return "NaN".into();
@@ -630,21 +640,18 @@ pub fn python_float_repr(x: f64) -> String {
     if x == 0.0 {
         return if x.is_sign_negative() { "-0.0" } else { "0.0" }.into();
     }
-    // Rust's `{:e}` gives the shortest round-trip digits: "-1.2345e-5".
-    let s = format!("{x:e}");
-    let (mant, exp) = s.split_once('e').unwrap();
-    let exp: i32 = exp.parse().unwrap();
-    let (sign, mant) = match mant.strip_prefix('-') {
-        Some(m) => ("-", m),
-        None => ("", mant),
-    };
-    let digits: String = mant.chars().filter(|c| *c != '.').collect();
+    let (sign, ax) = if x < 0.0 { ("-", -x) } else { ("", x) };
+    let (digits, exp) = (0..17)
+        .find_map(|p| shortest_candidate(ax, p))
+        .expect("17 significant digits always round-trip");
+    let digits = digits.trim_end_matches('0');
+    let digits = if digits.is_empty() { "0" } else { digits };
     let nd = digits.len() as i32;
     if !(-4..16).contains(&exp) {
         let m = if nd > 1 {
             format!("{}.{}", &digits[..1], &digits[1..])
         } else {
-            digits.clone()
+            digits.to_string()
         };
         let esign = if exp < 0 { '-' } else { '+' };
         return format!("{sign}{m}e{esign}{:02}", exp.abs());
@@ -658,6 +665,66 @@ pub fn python_float_repr(x: f64) -> String {
         let (a, b) = digits.split_at(decpt as usize);
         format!("{sign}{a}.{b}")
     }
+}
+
+/// Parses `d.ddd` × 10^`exp` (digits without the point).
+fn parse_sci(digits: &str, exp: i32) -> f64 {
+    format!("{}.{}e{exp}", &digits[..1], &digits[1..])
+        .parse()
+        .unwrap()
+}
+
+/// The `p + 1`-significant-digit decimal Python's repr would print for `ax > 0`, if one reads
+/// back as `ax`: the correctly rounded one, or — only possible at a power of two, whose
+/// rounding interval is wider above than below — its neighbour on the other side of `ax`.
+fn shortest_candidate(ax: f64, p: usize) -> Option<(String, i32)> {
+    let s = format!("{ax:.p$e}");
+    let (mant, exp) = s.split_once('e').unwrap();
+    let exp: i32 = exp.parse().unwrap();
+    let digits: String = mant.chars().filter(|c| *c != '.').collect();
+    let v = parse_sci(&digits, exp);
+    if v == ax {
+        return Some((digits, exp));
+    }
+    // the neighbour one unit in the last digit towards and beyond ax
+    let mut d: Vec<u8> = digits.bytes().map(|b| b - b'0').collect();
+    let mut e = exp;
+    if v < ax {
+        let mut i = d.len();
+        loop {
+            i -= 1;
+            if d[i] == 9 {
+                d[i] = 0;
+                if i == 0 {
+                    d.insert(0, 1);
+                    d.pop();
+                    e += 1;
+                    break;
+                }
+            } else {
+                d[i] += 1;
+                break;
+            }
+        }
+    } else {
+        let mut i = d.len();
+        loop {
+            i -= 1;
+            if d[i] == 0 {
+                d[i] = 9;
+            } else {
+                d[i] -= 1;
+                break;
+            }
+        }
+        if d[0] == 0 {
+            d.remove(0);
+            d.push(9);
+            e -= 1;
+        }
+    }
+    let n: String = d.iter().map(|b| (b + b'0') as char).collect();
+    (parse_sci(&n, e) == ax).then_some((n, e))
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -715,7 +782,12 @@ impl Bnb4Quantized {
             shape,
             data,
         };
-        let mut out = vec![t("", DType::U8, vec![self.packed.len(), 1], self.packed.clone())];
+        let mut out = vec![t(
+            "",
+            DType::U8,
+            vec![self.packed.len(), 1],
+            self.packed.clone(),
+        )];
         match &self.absmax {
             AbsmaxOut::F32(a) => out.push(t("absmax", DType::F32, vec![a.len()], f32_bytes(a))),
             AbsmaxOut::Nested { codes, .. } => {
@@ -799,6 +871,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::excessive_precision)]
     fn python_repr_formats() {
         assert_eq!(python_float_repr(0.1302083283662796), "0.1302083283662796");
         assert_eq!(python_float_repr(1e-5), "1e-05");
@@ -811,6 +884,18 @@ mod tests {
         assert_eq!(python_float_repr(1234567890123456.0), "1234567890123456.0");
         assert_eq!(python_float_repr(0.0), "0.0");
         assert_eq!(python_float_repr(2.629688024520874), "2.629688024520874");
+        // an exact tie at 17 digits: Python (and this) round half to even
+        assert_eq!(python_float_repr(1.38455963134765625), "1.3845596313476562");
+        assert_eq!(python_float_repr(1e22), "1e+22");
+        assert_eq!(python_float_repr(5e-324), "5e-324");
+        assert_eq!(python_float_repr(0.1), "0.1");
+        assert_eq!(python_float_repr(100.0), "100.0");
+        // a power of two: the closest 16-digit decimal falls outside the narrow lower half of
+        // the rounding interval, the one above is inside
+        assert_eq!(
+            python_float_repr(-(2f64.powi(-140))),
+            "-7.174648137343064e-43"
+        );
     }
 
     #[test]
@@ -827,7 +912,7 @@ mod tests {
     #[test]
     fn roundtrip_is_close_and_layout_is_consistent() {
         let vals: Vec<f32> = (0..64 * 300 + 10)
-            .map(|i| ((i as f32 * 0.37).sin() * 0.05) as f32)
+            .map(|i| (i as f32 * 0.37).sin() * 0.05)
             .collect();
         let n = vals.len();
         for nested in [false, true] {
@@ -842,7 +927,10 @@ mod tests {
             assert!(max_err < 0.01, "max error {max_err}");
             let t = q.tensors("w.weight");
             assert_eq!(t[0].name, "w.weight");
-            assert_eq!(t.last().unwrap().name, "w.weight.quant_state.bitsandbytes__nf4");
+            assert_eq!(
+                t.last().unwrap().name,
+                "w.weight.quant_state.bitsandbytes__nf4"
+            );
             assert_eq!(t.len(), if nested { 6 } else { 4 });
         }
     }
