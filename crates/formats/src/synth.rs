@@ -312,3 +312,37 @@ pub fn estimated_bytes(preset: Preset, layout: SynthLayout) -> u64 {
     let plan = Plan { seed: 0, cfg: Arc::new(cfg), layout, groups: Vec::new() };
     plan.build().iter().map(|g| g.approx_bytes).sum()
 }
+
+/// Version of the bundled demo model; bump when its recipe changes so caches are rebuilt.
+pub const DEMO_MODEL_VERSION: &str = "demo-tiny-v1";
+
+/// The bundled demo model: a tiny random-weight GPT-OSS (real 201,088-token vocabulary, 2 layers)
+/// in the Unsloth NF4 layout, synthesized with seed 0 into `$GPTOSS_CACHE`, else
+/// `$XDG_CACHE_HOME/gptoss`, else `~/.cache/gptoss` on first use (about 50 MB, well under a
+/// second). Written to a temporary directory and renamed, so concurrent first uses are safe.
+/// It produces nonsense: it exists so the commands work on a fresh machine.
+pub fn demo_model_dir() -> Result<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let base = std::env::var_os("GPTOSS_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|p| PathBuf::from(p).join("gptoss")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("gptoss")))
+        .ok_or_else(|| FormatError::NotFound("no cache directory for the demo model: set GPTOSS_CACHE or HOME".into()))?;
+    let dir = base.join(DEMO_MODEL_VERSION);
+    if dir.join("config.json").exists() {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&base).map_err(|e| FormatError::io(&base, e))?;
+    let tmp = base.join(format!("{DEMO_MODEL_VERSION}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    synth(Preset::Tiny, SynthLayout::UnslothNf4, 0, &tmp, WriteOptions::default())?;
+    match std::fs::rename(&tmp, &dir) {
+        Ok(()) => Ok(dir),
+        // another process finished first: use theirs
+        Err(_) if dir.join("config.json").exists() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Ok(dir)
+        }
+        Err(e) => Err(FormatError::io(&dir, e)),
+    }
+}
