@@ -1,6 +1,7 @@
 //! `gptoss`: the command-line front end. Subcommands only parse flags and call the crates.
 
 mod commands;
+mod generation;
 
 use std::process::ExitCode;
 
@@ -22,6 +23,12 @@ enum Command {
     Synth(commands::synth::Args),
     /// Rewrite a checkpoint in another layout.
     Convert(commands::convert::Args),
+    /// Generate a reply to a prompt (Harmony chat, or raw text with --raw), streamed.
+    Generate(commands::generate::Args),
+    /// Interactive multi-turn chat in the terminal.
+    Chat(commands::chat::Args),
+    /// Write the logits of a token sequence to a safetensors file.
+    Logits(commands::logits::Args),
 }
 
 fn main() -> ExitCode {
@@ -30,6 +37,9 @@ fn main() -> ExitCode {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Synth(a) => commands::synth::run(a),
         Command::Convert(a) => commands::convert::run(a),
+        Command::Generate(a) => commands::generate::run(a),
+        Command::Chat(a) => commands::chat::run(a),
+        Command::Logits(a) => commands::logits::run(a),
     };
     match result {
         Ok(code) => code,

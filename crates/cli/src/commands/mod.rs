@@ -1,7 +1,10 @@
 //! One module per subcommand.
 
+pub mod chat;
 pub mod convert;
+pub mod generate;
 pub mod inspect;
+pub mod logits;
 pub mod synth;
 
 use std::time::Duration;
