@@ -63,7 +63,7 @@ impl Logits {
     /// Builds the result from per-step row blocks (each a multiple of `vocab_size` long).
     pub fn new(vocab_size: usize, steps: Vec<Vec<f32>>) -> Self {
         assert!(
-            steps.iter().all(|s| s.len() % vocab_size == 0),
+            steps.iter().all(|s| s.len().is_multiple_of(vocab_size)),
             "logits rows are vocab_size wide"
         );
         Logits { vocab_size, steps }

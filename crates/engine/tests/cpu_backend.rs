@@ -75,7 +75,7 @@ fn batched_sequences_of_different_lengths_equal_each_alone() {
                 .filter(|&&i| pos[i] < SEQS[i].len())
                 .map(|&i| {
                     // A two-token chunk now and then mixes prefill-like steps into decoding.
-                    let n = if pos[i] % 4 == 0 {
+                    let n = if pos[i].is_multiple_of(4) {
                         2.min(SEQS[i].len() - pos[i])
                     } else {
                         1

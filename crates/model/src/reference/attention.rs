@@ -22,7 +22,6 @@ pub fn visible_keys(t: usize, window: Option<usize>) -> Range<usize> {
 /// `s_j = q·k_j · scale`; the sink `S` is a raw logit (not scaled) that joins the max and the
 /// softmax denominator but has no value vector (pitfall 6):
 /// `out = Σ_j exp(s_j - m) v_j / (Σ_j exp(s_j - m) + exp(S - m))`, `m = max(max_j s_j, S)`.
-#[allow(clippy::too_many_arguments)]
 pub fn attend<'k>(
     q: &[f32],
     keys: Range<usize>,

@@ -224,7 +224,7 @@ impl<'a> ReferenceModel<'a> {
 
     fn check_rows(&self, x: &[f32]) -> Result<()> {
         let h = self.config().hidden_size;
-        if x.len() % h != 0 {
+        if !x.len().is_multiple_of(h) {
             return Err(ReferenceError::Shape(format!(
                 "{} values are not rows of {h}",
                 x.len()

@@ -49,6 +49,24 @@ impl Rng {
     }
 }
 
+/// Random F32 tensors in insertion order.
+struct Tensors {
+    rng: Rng,
+    list: Vec<(String, Vec<usize>, Vec<f32>)>,
+}
+
+impl Tensors {
+    /// Uniform in `offset ± scale`.
+    fn rand(&mut self, name: impl Into<String>, shape: &[usize], scale: f32, offset: f32) {
+        let values = self.rng.fill(shape.iter().product(), scale, offset);
+        self.push(name, shape, values);
+    }
+
+    fn push(&mut self, name: impl Into<String>, shape: &[usize], values: Vec<f32>) {
+        self.list.push((name.into(), shape.to_vec(), values));
+    }
+}
+
 /// Writes `config.json` and `model.safetensors` of a random tiny model into `dir`.
 pub fn write_tiny_checkpoint(dir: &Path, layout: TinyLayout, seed: u64) -> std::io::Result<()> {
     let cfg = gptoss_formats::GptOssConfig::from_json_str(&tiny_config_json())
@@ -59,59 +77,24 @@ pub fn write_tiny_checkpoint(dir: &Path, layout: TinyLayout, seed: u64) -> std::
         cfg.num_local_experts,
     );
     let (qd, kvd, v) = (cfg.q_dim(), cfg.kv_dim(), cfg.vocab_size);
-    let mut rng = Rng(seed);
-    let mut t: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    let add = |t: &mut Vec<_>,
-               name: String,
-               shape: Vec<usize>,
-               scale: f32,
-               offset: f32,
-               rng: &mut Rng| {
-        let n = shape.iter().product();
-        t.push((name, shape, rng.fill(n, scale, offset)));
+    let mut t = Tensors {
+        rng: Rng(seed),
+        list: Vec::new(),
     };
-    add(
-        &mut t,
-        "model.embed_tokens.weight".into(),
-        vec![v, h],
-        1.0,
-        0.0,
-        &mut rng,
-    );
-    add(
-        &mut t,
-        "lm_head.weight".into(),
-        vec![v, h],
-        0.3,
-        0.0,
-        &mut rng,
-    );
-    add(
-        &mut t,
-        "model.norm.weight".into(),
-        vec![h],
-        0.2,
-        1.0,
-        &mut rng,
-    );
+    t.rand("model.embed_tokens.weight", &[v, h], 1.0, 0.0);
+    t.rand("lm_head.weight", &[v, h], 0.3, 0.0);
+    t.rand("model.norm.weight", &[h], 0.2, 1.0);
     let ws = 1.5 / (h as f32).sqrt();
+    // Large enough that the SwiGLU clamps at ±7 are reached.
+    let es = 8.0 / (h as f32).sqrt();
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        add(
-            &mut t,
-            format!("{p}.input_layernorm.weight"),
-            vec![h],
-            0.2,
-            1.0,
-            &mut rng,
-        );
-        add(
-            &mut t,
+        t.rand(format!("{p}.input_layernorm.weight"), &[h], 0.2, 1.0);
+        t.rand(
             format!("{p}.post_attention_layernorm.weight"),
-            vec![h],
+            &[h],
             0.2,
             1.0,
-            &mut rng,
         );
         for (n, rows, cols) in [
             ("q_proj", qd, h),
@@ -119,67 +102,36 @@ pub fn write_tiny_checkpoint(dir: &Path, layout: TinyLayout, seed: u64) -> std::
             ("v_proj", kvd, h),
             ("o_proj", h, qd),
         ] {
-            add(
-                &mut t,
-                format!("{p}.self_attn.{n}.weight"),
-                vec![rows, cols],
-                ws,
-                0.0,
-                &mut rng,
-            );
-            add(
-                &mut t,
-                format!("{p}.self_attn.{n}.bias"),
-                vec![rows],
-                0.1,
-                0.0,
-                &mut rng,
-            );
+            t.rand(format!("{p}.self_attn.{n}.weight"), &[rows, cols], ws, 0.0);
+            t.rand(format!("{p}.self_attn.{n}.bias"), &[rows], 0.1, 0.0);
         }
-        add(
-            &mut t,
+        t.rand(
             format!("{p}.self_attn.sinks"),
-            vec![cfg.num_attention_heads],
+            &[cfg.num_attention_heads],
             1.0,
             0.0,
-            &mut rng,
         );
-        add(
-            &mut t,
-            format!("{p}.mlp.router.weight"),
-            vec![e, h],
-            ws,
-            0.0,
-            &mut rng,
-        );
-        add(
-            &mut t,
-            format!("{p}.mlp.router.bias"),
-            vec![e],
-            0.2,
-            0.0,
-            &mut rng,
-        );
-        // Large enough that the SwiGLU clamps at ±7 are reached.
-        let es = 8.0 / (h as f32).sqrt();
+        t.rand(format!("{p}.mlp.router.weight"), &[e, h], ws, 0.0);
+        t.rand(format!("{p}.mlp.router.bias"), &[e], 0.2, 0.0);
         // Per expert [out, in] (Split); Fused stores the same values transposed and stacked, so
         // both layouts of one seed are the same model.
-        let mut experts = Vec::new();
-        for _ in 0..e {
-            let gu = rng.fill(2 * i * h, es, 0.0);
-            let gub = rng.fill(2 * i, 0.5, 0.0);
-            let dn = rng.fill(h * i, ws, 0.0);
-            let dnb = rng.fill(h, 0.1, 0.0);
-            experts.push((gu, gub, dn, dnb));
-        }
+        let experts: Vec<_> = (0..e)
+            .map(|_| {
+                let gu = t.rng.fill(2 * i * h, es, 0.0);
+                let gub = t.rng.fill(2 * i, 0.5, 0.0);
+                let dn = t.rng.fill(h * i, ws, 0.0);
+                let dnb = t.rng.fill(h, 0.1, 0.0);
+                (gu, gub, dn, dnb)
+            })
+            .collect();
         let q = format!("{p}.mlp.experts");
         match layout {
             TinyLayout::Split => {
                 for (x, (gu, gub, dn, dnb)) in experts.into_iter().enumerate() {
-                    t.push((format!("{q}.gate_up_projs.{x}.weight"), vec![2 * i, h], gu));
-                    t.push((format!("{q}.gate_up_projs.{x}.bias"), vec![2 * i], gub));
-                    t.push((format!("{q}.down_projs.{x}.weight"), vec![h, i], dn));
-                    t.push((format!("{q}.down_projs.{x}.bias"), vec![h], dnb));
+                    t.push(format!("{q}.gate_up_projs.{x}.weight"), &[2 * i, h], gu);
+                    t.push(format!("{q}.gate_up_projs.{x}.bias"), &[2 * i], gub);
+                    t.push(format!("{q}.down_projs.{x}.weight"), &[h, i], dn);
+                    t.push(format!("{q}.down_projs.{x}.bias"), &[h], dnb);
                 }
             }
             TinyLayout::Fused => {
@@ -190,16 +142,16 @@ pub fn write_tiny_checkpoint(dir: &Path, layout: TinyLayout, seed: u64) -> std::
                     dn_s.extend(transpose(&dn, h, i));
                     dnb_s.extend(dnb);
                 }
-                t.push((format!("{q}.gate_up_proj"), vec![e, h, 2 * i], gu_s));
-                t.push((format!("{q}.gate_up_proj_bias"), vec![e, 2 * i], gub_s));
-                t.push((format!("{q}.down_proj"), vec![e, i, h], dn_s));
-                t.push((format!("{q}.down_proj_bias"), vec![e, h], dnb_s));
+                t.push(format!("{q}.gate_up_proj"), &[e, h, 2 * i], gu_s);
+                t.push(format!("{q}.gate_up_proj_bias"), &[e, 2 * i], gub_s);
+                t.push(format!("{q}.down_proj"), &[e, i, h], dn_s);
+                t.push(format!("{q}.down_proj_bias"), &[e, h], dnb_s);
             }
         }
     }
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("config.json"), tiny_config_json())?;
-    std::fs::write(dir.join("model.safetensors"), safetensors_f32(&t))
+    std::fs::write(dir.join("model.safetensors"), safetensors_f32(&t.list))
 }
 
 /// Serializes F32 tensors in the safetensors format.
@@ -217,7 +169,7 @@ fn safetensors_f32(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
         );
     }
     let mut json = serde_json::Value::Object(header).to_string().into_bytes();
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = (json.len() as u64).to_le_bytes().to_vec();
