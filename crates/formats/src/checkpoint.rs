@@ -311,6 +311,25 @@ fn map_file(path: &Path) -> Result<Mmap> {
     unsafe { Mmap::map(&file) }.map_err(|e| FormatError::io(path, e))
 }
 
+/// One tensor's entry in a safetensors header, as [`parse_safetensors_header`] returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderEntry {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    pub range: std::ops::Range<usize>,
+}
+
+/// Parses and validates the header of a whole safetensors file held in `bytes` (`path` only
+/// names it in errors). Used by [`Checkpoint::open`] and by the fuzz targets.
+pub fn parse_safetensors_header(path: &Path, bytes: &[u8]) -> Result<Vec<HeaderEntry>> {
+    Ok(read_header(path, bytes, 0)?
+        .into_iter()
+        .map(|(name, e)| HeaderEntry { name, dtype: e.dtype, shape: e.shape, range: e.start..e.end })
+        .collect())
+}
+
 /// Parses a safetensors header (through the `safetensors` crate, which also checks that the data
 /// offsets are contiguous and match the file size) and returns each tensor's absolute byte range.
 fn read_header(path: &Path, map: &[u8], shard: usize) -> Result<Vec<(String, Entry)>> {
