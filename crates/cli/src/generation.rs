@@ -45,7 +45,9 @@ pub fn open_backend(dir: &Path, device: Device) -> anyhow::Result<Box<dyn Backen
         Device::Cpu => Ok(Box::new(CpuBackend::open(dir)?)),
         Device::Cuda => bail!("the CUDA backend is not available in this build; use --device cpu"),
         Device::Auto => {
-            eprintln!("note: --device auto: no CUDA backend in this build, running on the CPU reference backend (slow)");
+            eprintln!(
+                "note: --device auto: no CUDA backend in this build, running on the CPU reference backend (slow)"
+            );
             Ok(Box::new(CpuBackend::open(dir)?))
         }
     }
@@ -101,9 +103,15 @@ impl SamplingArgs {
 /// What the driver reports as it goes.
 pub enum Piece<'a> {
     /// Text of a Harmony message on `channel` (None = raw text).
-    Text { channel: Option<&'a str>, text: &'a str },
+    Text {
+        channel: Option<&'a str>,
+        text: &'a str,
+    },
     /// A Harmony message started (its header was parsed).
-    MessageStart { channel: Option<&'a str>, recipient: Option<&'a str> },
+    MessageStart {
+        channel: Option<&'a str>,
+        recipient: Option<&'a str>,
+    },
     /// Header text (role, channel, recipient) as the model writes it, before it parses.
     Header { text: &'a str },
 }
@@ -131,7 +139,11 @@ impl GenStats {
 
     /// Prefill tokens per second.
     pub fn prefill_tps(&self) -> f64 {
-        if self.prefill_seconds > 0.0 { self.prompt_tokens as f64 / self.prefill_seconds } else { 0.0 }
+        if self.prefill_seconds > 0.0 {
+            self.prompt_tokens as f64 / self.prefill_seconds
+        } else {
+            0.0
+        }
     }
 }
 
@@ -153,19 +165,34 @@ pub fn run_sequence(
     }
     let ctx = backend.config().max_position_embeddings;
     if prompt.len() >= ctx {
-        bail!("the prompt has {} tokens; the model's context is {ctx}", prompt.len());
+        bail!(
+            "the prompt has {} tokens; the model's context is {ctx}",
+            prompt.len()
+        );
     }
     let max_tokens = max_tokens.min(ctx - prompt.len());
     let seq = 1;
     let mut sampler = Sampler::new(params)?.with_prompt_tokens(prompt);
-    let stop_ids: Vec<u32> = if harmony { gptoss_model::harmony::stop_tokens_for_assistant().to_vec() } else { Vec::new() };
+    let stop_ids: Vec<u32> = if harmony {
+        gptoss_model::harmony::stop_tokens_for_assistant().to_vec()
+    } else {
+        Vec::new()
+    };
     let mut stops = StopMatcher::new(stop_ids, stop_strings.iter().cloned());
-    let mut parser = harmony.then(|| StreamingParser::new_for_completion(tokenizer, Role::Assistant));
+    let mut parser =
+        harmony.then(|| StreamingParser::new_for_completion(tokenizer, Role::Assistant));
     let mut detok = tokenizer.stream_decoder();
 
     let t0 = Instant::now();
-    let mut step = SeqStep { seq, tokens: prompt.to_vec(), start_pos: 0, want_logits: LogitsWanted::Last };
-    let mut logits = backend.forward(&StepBatch { steps: vec![step.clone()] })?;
+    let mut step = SeqStep {
+        seq,
+        tokens: prompt.to_vec(),
+        start_pos: 0,
+        want_logits: LogitsWanted::Last,
+    };
+    let mut logits = backend.forward(&StepBatch {
+        steps: vec![step.clone()],
+    })?;
     let prefill_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut generated = Vec::new();
@@ -179,17 +206,25 @@ pub fn run_sequence(
         if let Some(p) = parser.as_mut() {
             let events = p.push(tok.id);
             if events.is_empty() && !tokenizer.is_special(tok.id) {
-                sink(Piece::Header { text: &tokenizer.decode(&[tok.id]) });
+                sink(Piece::Header {
+                    text: &tokenizer.decode(&[tok.id]),
+                });
             }
             for ev in events {
                 match ev {
-                    ParserEvent::MessageStart { channel, recipient, .. } => {
-                        sink(Piece::MessageStart { channel: channel.as_deref(), recipient: recipient.as_deref() })
-                    }
+                    ParserEvent::MessageStart {
+                        channel, recipient, ..
+                    } => sink(Piece::MessageStart {
+                        channel: channel.as_deref(),
+                        recipient: recipient.as_deref(),
+                    }),
                     ParserEvent::ContentDelta { channel, text, .. } => {
                         let r = stops.push(&text);
                         if !r.emit.is_empty() {
-                            sink(Piece::Text { channel: channel.as_deref(), text: &r.emit });
+                            sink(Piece::Text {
+                                channel: channel.as_deref(),
+                                text: &r.emit,
+                            });
                         }
                         stopped |= r.stopped.is_some();
                     }
@@ -201,7 +236,10 @@ pub fn run_sequence(
             let delta = detok.push(tok.id);
             let r = stops.push_token(tok.id, &delta);
             if !r.emit.is_empty() {
-                sink(Piece::Text { channel: None, text: &r.emit });
+                sink(Piece::Text {
+                    channel: None,
+                    text: &r.emit,
+                });
             }
             stopped = r.stopped.is_some();
         }
@@ -212,14 +250,24 @@ pub fn run_sequence(
         if generated.len() == max_tokens {
             break;
         }
-        step = SeqStep { seq, tokens: vec![tok.id], start_pos: pos, want_logits: LogitsWanted::Last };
+        step = SeqStep {
+            seq,
+            tokens: vec![tok.id],
+            start_pos: pos,
+            want_logits: LogitsWanted::Last,
+        };
         pos += 1;
-        logits = backend.forward(&StepBatch { steps: vec![step.clone()] })?;
+        logits = backend.forward(&StepBatch {
+            steps: vec![step.clone()],
+        })?;
     }
     if finish != "stop" {
         let rest = stops.finish();
         if !rest.is_empty() {
-            sink(Piece::Text { channel: parser.as_ref().and_then(|p| p.current_channel()), text: &rest });
+            sink(Piece::Text {
+                channel: parser.as_ref().and_then(|p| p.current_channel()),
+                text: &rest,
+            });
         }
     }
     backend.release(seq);

@@ -167,16 +167,26 @@ impl Checkpoint {
                     return Err(FormatError::tensor(
                         path,
                         name,
-                        format!("also present in {}; a tensor must be in one shard only", other.display()),
+                        format!(
+                            "also present in {}; a tensor must be in one shard only",
+                            other.display()
+                        ),
                     ));
                 }
             }
-            shards.push(Shard { path: path.clone(), map });
+            shards.push(Shard {
+                path: path.clone(),
+                map,
+            });
         }
         if let Some(index) = index {
             for (name, file) in &index.weight_map {
                 match tensors.get(name) {
-                    Some(e) if files[e.shard].file_name().map(|f| f.to_string_lossy() == *file) == Some(true) => {}
+                    Some(e)
+                        if files[e.shard]
+                            .file_name()
+                            .map(|f| f.to_string_lossy() == *file)
+                            == Some(true) => {}
                     Some(e) => {
                         return Err(FormatError::tensor(
                             &files[e.shard],
@@ -250,18 +260,27 @@ impl Checkpoint {
         FormatError::MissingTensor {
             dir: self.dir.clone(),
             tensor: name.to_string(),
-            hint: if hint.is_empty() { String::new() } else { format!(" ({hint})") },
+            hint: if hint.is_empty() {
+                String::new()
+            } else {
+                format!(" ({hint})")
+            },
         }
     }
 
     /// Iterates over every tensor.
     pub fn tensors(&self) -> impl Iterator<Item = TensorRef<'_>> {
-        self.tensors.keys().map(|n| self.get(n).expect("listed tensor"))
+        self.tensors
+            .keys()
+            .map(|n| self.get(n).expect("listed tensor"))
     }
 
     /// Sum of all tensor data bytes.
     pub fn total_bytes(&self) -> u64 {
-        self.tensors.values().map(|e| (e.end - e.start) as u64).sum()
+        self.tensors
+            .values()
+            .map(|e| (e.end - e.start) as u64)
+            .sum()
     }
 }
 
@@ -269,22 +288,37 @@ impl Checkpoint {
 fn shard_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<IndexFile>)> {
     let index_path = dir.join(INDEX_FILE);
     if index_path.exists() {
-        let text = std::fs::read_to_string(&index_path).map_err(|e| FormatError::io(&index_path, e))?;
+        let text =
+            std::fs::read_to_string(&index_path).map_err(|e| FormatError::io(&index_path, e))?;
         let index: IndexFile = serde_json::from_str(&text).map_err(|e| {
-            FormatError::file(&index_path, format!("malformed index (expected {{\"weight_map\": {{tensor: file}}}}): {e}"))
+            FormatError::file(
+                &index_path,
+                format!("malformed index (expected {{\"weight_map\": {{tensor: file}}}}): {e}"),
+            )
         })?;
-        let mut names: Vec<&String> = index.weight_map.values().collect::<HashSet<_>>().into_iter().collect();
+        let mut names: Vec<&String> = index
+            .weight_map
+            .values()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
         names.sort();
         let mut files = Vec::new();
         for name in names {
             if name.contains('/') || name.contains('\\') || name == ".." {
-                return Err(FormatError::file(&index_path, format!("shard name \"{name}\" must be a plain file name")));
+                return Err(FormatError::file(
+                    &index_path,
+                    format!("shard name \"{name}\" must be a plain file name"),
+                ));
             }
             let p = dir.join(name);
             if !p.exists() {
                 return Err(FormatError::file(
                     &index_path,
-                    format!("names shard \"{name}\", which does not exist in {} (incomplete download?)", dir.display()),
+                    format!(
+                        "names shard \"{name}\", which does not exist in {} (incomplete download?)",
+                        dir.display()
+                    ),
                 ));
             }
             files.push(p);
@@ -326,7 +360,12 @@ pub struct HeaderEntry {
 pub fn parse_safetensors_header(path: &Path, bytes: &[u8]) -> Result<Vec<HeaderEntry>> {
     Ok(read_header(path, bytes, 0)?
         .into_iter()
-        .map(|(name, e)| HeaderEntry { name, dtype: e.dtype, shape: e.shape, range: e.start..e.end })
+        .map(|(name, e)| HeaderEntry {
+            name,
+            dtype: e.dtype,
+            shape: e.shape,
+            range: e.start..e.end,
+        })
         .collect())
 }
 
@@ -336,7 +375,10 @@ fn read_header(path: &Path, map: &[u8], shard: usize) -> Result<Vec<(String, Ent
     if map.len() < 8 {
         return Err(FormatError::file(
             path,
-            format!("truncated safetensors file: {} bytes, shorter than the 8-byte header length", map.len()),
+            format!(
+                "truncated safetensors file: {} bytes, shorter than the 8-byte header length",
+                map.len()
+            ),
         ));
     }
     let header_len = u64::from_le_bytes(map[..8].try_into().expect("8 bytes"));
@@ -349,8 +391,12 @@ fn read_header(path: &Path, map: &[u8], shard: usize) -> Result<Vec<(String, Ent
             ),
         ));
     }
-    let (n, meta) = safetensors::SafeTensors::read_metadata(map)
-        .map_err(|e| FormatError::file(path, format!("invalid safetensors header: {}", describe_st_error(&e))))?;
+    let (n, meta) = safetensors::SafeTensors::read_metadata(map).map_err(|e| {
+        FormatError::file(
+            path,
+            format!("invalid safetensors header: {}", describe_st_error(&e)),
+        )
+    })?;
     let data_start = 8 + n;
     let data_len = map.len() - data_start;
     let mut out = Vec::new();
@@ -360,12 +406,18 @@ fn read_header(path: &Path, map: &[u8], shard: usize) -> Result<Vec<(String, Ent
             return Err(FormatError::tensor(
                 path,
                 name,
-                format!("data offsets {s}..{e} lie beyond the {data_len} data bytes of the file (truncated shard?)"),
+                format!(
+                    "data offsets {s}..{e} lie beyond the {data_len} data bytes of the file (truncated shard?)"
+                ),
             ));
         }
         let dtype = DType::from_safetensors(info.dtype);
         if dtype == DType::Other {
-            return Err(FormatError::tensor(path, name, format!("unsupported dtype {:?}", info.dtype)));
+            return Err(FormatError::tensor(
+                path,
+                name,
+                format!("unsupported dtype {:?}", info.dtype),
+            ));
         }
         out.push((
             name,
@@ -384,7 +436,9 @@ fn read_header(path: &Path, map: &[u8], shard: usize) -> Result<Vec<(String, Ent
 fn describe_st_error(e: &safetensors::SafeTensorError) -> String {
     use safetensors::SafeTensorError as E;
     match e {
-        E::MetadataIncompleteBuffer => "the data section is shorter than the header says (truncated file)".into(),
+        E::MetadataIncompleteBuffer => {
+            "the data section is shorter than the header says (truncated file)".into()
+        }
         E::HeaderTooLarge => "header length is implausibly large (not a safetensors file?)".into(),
         E::HeaderTooSmall => "file too small for a safetensors header".into(),
         other => other.to_string(),

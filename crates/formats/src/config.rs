@@ -124,8 +124,8 @@ impl GptOssConfig {
                 );
             }
         }
-        let mut cfg: GptOssConfig = serde_json::from_value(value)
-            .map_err(|e| format!("invalid GPT-OSS config: {e}"))?;
+        let mut cfg: GptOssConfig =
+            serde_json::from_value(value).map_err(|e| format!("invalid GPT-OSS config: {e}"))?;
         if cfg.num_experts_per_tok == 0 {
             cfg.num_experts_per_tok = cfg.experts_per_token.unwrap_or(0);
         }
@@ -154,7 +154,10 @@ impl GptOssConfig {
             ("num_key_value_heads", self.num_key_value_heads),
             ("head_dim", self.head_dim),
             ("num_local_experts", self.num_local_experts),
-            ("num_experts_per_tok (or experts_per_token)", self.num_experts_per_tok),
+            (
+                "num_experts_per_tok (or experts_per_token)",
+                self.num_experts_per_tok,
+            ),
             ("vocab_size", self.vocab_size),
             ("sliding_window", self.sliding_window),
         ];
@@ -163,14 +166,20 @@ impl GptOssConfig {
                 return Err(format!("field \"{name}\" must be positive, found 0"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
-            return Err(format!("head_dim must be even for RoPE, found {}", self.head_dim));
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(format!(
+                "head_dim must be even for RoPE, found {}",
+                self.head_dim
+            ));
         }
         if self.num_experts_per_tok > self.num_local_experts {
             return Err(format!(
@@ -228,12 +237,20 @@ impl GptOssConfig {
 
     /// Bytes of bf16 K and V for the sliding layers' windows, per sequence.
     pub fn kv_bytes_sliding_window(&self) -> usize {
-        (self.num_hidden_layers - self.num_full_layers()) * 2 * self.kv_dim() * 2 * self.sliding_window
+        (self.num_hidden_layers - self.num_full_layers())
+            * 2
+            * self.kv_dim()
+            * 2
+            * self.sliding_window
     }
 
     /// A short human name: "gpt-oss-20b", "gpt-oss-120b" or "gpt-oss (custom: …)".
     pub fn size_name(&self) -> String {
-        match (self.num_hidden_layers, self.num_local_experts, self.hidden_size) {
+        match (
+            self.num_hidden_layers,
+            self.num_local_experts,
+            self.hidden_size,
+        ) {
             (24, 32, 2880) => "gpt-oss-20b".into(),
             (36, 128, 2880) => "gpt-oss-120b".into(),
             (l, e, h) => format!("gpt-oss (custom: {l} layers, {e} experts, hidden {h})"),
@@ -286,7 +303,10 @@ mod tests {
     #[test]
     fn rejects_other_models_with_a_clear_message() {
         let err = GptOssConfig::from_json_str(r#"{"model_type": "llama"}"#).unwrap_err();
-        assert!(err.contains("not a GPT-OSS config") && err.contains("llama"), "{err}");
+        assert!(
+            err.contains("not a GPT-OSS config") && err.contains("llama"),
+            "{err}"
+        );
         let err = GptOssConfig::from_json_str("{").unwrap_err();
         assert!(err.contains("not valid JSON"), "{err}");
         let broken = CONFIG_20B.replace("\"hidden_size\": 2880,", "");

@@ -16,7 +16,12 @@ pub fn hub_cache_dir() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
         return Some(PathBuf::from(p).join("huggingface").join("hub"));
     }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("huggingface").join("hub"))
+    std::env::var_os("HOME").map(|h| {
+        PathBuf::from(h)
+            .join(".cache")
+            .join("huggingface")
+            .join("hub")
+    })
 }
 
 /// Resolves `model` to a directory: an existing path is used as is; `org/name` is looked up in
@@ -91,21 +96,28 @@ mod tests {
     #[test]
     fn resolves_ids_through_refs_main() {
         let tmp = tempfile::tempdir().unwrap();
-        let repo = tmp.path().join("models--unsloth--gpt-oss-20b-unsloth-bnb-4bit");
+        let repo = tmp
+            .path()
+            .join("models--unsloth--gpt-oss-20b-unsloth-bnb-4bit");
         std::fs::create_dir_all(repo.join("snapshots/abc123")).unwrap();
         std::fs::create_dir_all(repo.join("snapshots/old999")).unwrap();
         std::fs::create_dir_all(repo.join("refs")).unwrap();
         std::fs::write(repo.join("refs/main"), "abc123\n").unwrap();
-        let dir = resolve_model_in("unsloth/gpt-oss-20b-unsloth-bnb-4bit", Some(tmp.path())).unwrap();
+        let dir =
+            resolve_model_in("unsloth/gpt-oss-20b-unsloth-bnb-4bit", Some(tmp.path())).unwrap();
         assert!(dir.ends_with("snapshots/abc123"));
     }
 
     #[test]
     fn missing_id_says_how_to_download() {
         let tmp = tempfile::tempdir().unwrap();
-        let err = resolve_model_in("openai/gpt-oss-20b", Some(tmp.path())).unwrap_err().to_string();
+        let err = resolve_model_in("openai/gpt-oss-20b", Some(tmp.path()))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("hf download openai/gpt-oss-20b"), "{err}");
-        let err = resolve_model_in("./nope", Some(tmp.path())).unwrap_err().to_string();
+        let err = resolve_model_in("./nope", Some(tmp.path()))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no such directory"), "{err}");
     }
 }

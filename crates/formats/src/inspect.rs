@@ -64,7 +64,9 @@ impl InspectReport {
         let report = probe(ckpt);
         let mut groups: BTreeMap<(String, String, Vec<usize>), (usize, u64)> = BTreeMap::new();
         let mut add = |role: &str, m: &Matrix<'_>| {
-            let e = groups.entry((role.to_string(), m.kind(), vec![m.rows, m.cols])).or_default();
+            let e = groups
+                .entry((role.to_string(), m.kind(), vec![m.rows, m.cols]))
+                .or_default();
             e.0 += 1;
             e.1 += m.storage_bytes() as u64;
         };
@@ -120,7 +122,15 @@ impl InspectReport {
             kv_bytes_sliding_per_sequence: c.kv_bytes_sliding_window() as u64,
             groups: groups
                 .into_iter()
-                .map(|((role, storage, shape), (count, bytes))| TensorGroupSummary { role, storage, shape, count, bytes })
+                .map(
+                    |((role, storage, shape), (count, bytes))| TensorGroupSummary {
+                        role,
+                        storage,
+                        shape,
+                        count,
+                        bytes,
+                    },
+                )
                 .collect(),
             problems: report.problems.iter().map(|p| p.to_string()).collect(),
             unused_tensors: report.unused,
@@ -139,28 +149,65 @@ impl InspectReport {
         let c = &self.config;
         let mut s = String::new();
         let _ = writeln!(s, "{}", self.dir);
-        let _ = writeln!(s, "  model      {}  (layout: {})", self.model, self.layout.as_deref().unwrap_or("unknown"));
+        let _ = writeln!(
+            s,
+            "  model      {}  (layout: {})",
+            self.model,
+            self.layout.as_deref().unwrap_or("unknown")
+        );
         let _ = writeln!(
             s,
             "  config     {} layers, hidden {}, {} experts (top-{}), {} q / {} kv heads × {}, vocab {}, window {}, context {}",
-            c.layers, c.hidden_size, c.experts, c.experts_per_token, c.attention_heads, c.kv_heads, c.head_dim, c.vocab_size, c.sliding_window, c.max_position_embeddings
+            c.layers,
+            c.hidden_size,
+            c.experts,
+            c.experts_per_token,
+            c.attention_heads,
+            c.kv_heads,
+            c.head_dim,
+            c.vocab_size,
+            c.sliding_window,
+            c.max_position_embeddings
         );
-        let _ = writeln!(s, "  files      {} shard(s), {} tensors, {:.3} GB", self.shards, self.tensors, gb(self.file_bytes));
-        let _ = writeln!(s, "  GPU memory {:.3} GB of weights (kept packed)", gb(self.gpu_weight_bytes));
         let _ = writeln!(
             s,
-            "  KV cache   {} KiB per token (full layers, bf16) + {:.1} MiB per sequence (sliding windows)",
-            self.kv_bytes_per_token / 1024,
+            "  files      {} shard(s), {} tensors, {:.3} GB",
+            self.shards,
+            self.tensors,
+            gb(self.file_bytes)
+        );
+        let _ = writeln!(
+            s,
+            "  GPU memory {:.3} GB of weights (kept packed)",
+            gb(self.gpu_weight_bytes)
+        );
+        let _ = writeln!(
+            s,
+            "  KV cache   {:.1} KiB per token (full layers, bf16) + {:.2} MiB per sequence (sliding windows)",
+            self.kv_bytes_per_token as f64 / 1024.0,
             self.kv_bytes_sliding_per_sequence as f64 / (1 << 20) as f64
         );
         if !self.groups.is_empty() {
             let _ = writeln!(s, "  tensors");
             for g in &self.groups {
-                let _ = writeln!(s, "    {:<16} {:>5} × {:<7} {:<14} {:>10.3} GB", g.role, g.count, g.storage, format!("{:?}", g.shape), gb(g.bytes));
+                let _ = writeln!(
+                    s,
+                    "    {:<16} {:>5} × {:<7} {:<14} {:>10.3} GB",
+                    g.role,
+                    g.count,
+                    g.storage,
+                    format!("{:?}", g.shape),
+                    gb(g.bytes)
+                );
             }
         }
         if !self.unused_tensors.is_empty() {
-            let _ = writeln!(s, "  unused     {} tensor(s), e.g. {}", self.unused_tensors.len(), self.unused_tensors[0]);
+            let _ = writeln!(
+                s,
+                "  unused     {} tensor(s), e.g. {}",
+                self.unused_tensors.len(),
+                self.unused_tensors[0]
+            );
         }
         if self.problems.is_empty() {
             let _ = writeln!(s, "  problems   none");

@@ -17,7 +17,9 @@ use crate::checkpoint::DType;
 use crate::codec::{mxfp4_quantize, quantize};
 use crate::config::GptOssConfig;
 use crate::error::{FormatError, Result};
-use crate::writer::{OwnedTensor, ShardNaming, TensorGroup, WriteOptions, WriteSummary, write_checkpoint};
+use crate::writer::{
+    OwnedTensor, ShardNaming, TensorGroup, WriteOptions, WriteSummary, write_checkpoint,
+};
 
 /// Model sizes `synth` knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +67,13 @@ pub fn preset_config(preset: Preset) -> serde_json::Value {
         Preset::Micro => (2, 4, 64, 64, 4, 2, 16, 512, 2),
     };
     let layer_types: Vec<&str> = (0..layers)
-        .map(|i| if i % 2 == 0 { "sliding_attention" } else { "full_attention" })
+        .map(|i| {
+            if i % 2 == 0 {
+                "sliding_attention"
+            } else {
+                "full_attention"
+            }
+        })
         .collect();
     serde_json::json!({
         "architectures": ["GptOssForCausalLM"],
@@ -133,18 +141,24 @@ pub fn random_uniform(seed: u64, name: &str, n: usize, a: f32) -> Vec<f32> {
     const CHUNK: usize = 1 << 20;
     let base = seed ^ fnv1a(name.as_bytes());
     let mut out = vec![0f32; n];
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| {
-        let mut rng = SmallRng::seed_from_u64(base.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
-        for v in chunk {
-            *v = (rng.random::<f32>() * 2.0 - 1.0) * a;
-        }
-    });
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(i, chunk)| {
+            let mut rng = SmallRng::seed_from_u64(
+                base.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            );
+            for v in chunk {
+                *v = (rng.random::<f32>() * 2.0 - 1.0) * a;
+            }
+        });
     out
 }
 
 /// A stable 64-bit hash of a name (FNV-1a), to derive per-tensor seeds.
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// Uniform half-width for a given standard deviation.
@@ -155,7 +169,12 @@ fn half_width(std: f32) -> f32 {
 /// The tensors of a bitsandbytes NF4 (double-quant) `Linear4bit` weight `prefix` made from
 /// logical `[rows, cols]` values that are exact in bf16 (as a bf16 checkpoint quantized by
 /// Unsloth would be).
-pub fn nf4_linear_tensors(prefix: &str, values: &[f32], rows: usize, cols: usize) -> Vec<OwnedTensor> {
+pub fn nf4_linear_tensors(
+    prefix: &str,
+    values: &[f32],
+    rows: usize,
+    cols: usize,
+) -> Vec<OwnedTensor> {
     let q = quantize::quantize_nf4(values, &[rows, cols], quantize::InputDType::BF16, true);
     q.tensors(prefix)
         .into_iter()
@@ -165,15 +184,24 @@ pub fn nf4_linear_tensors(prefix: &str, values: &[f32], rows: usize, cols: usize
 
 /// The six tensor names a quantized `Linear4bit` weight `prefix` is stored as.
 pub fn nf4_names(prefix: &str) -> Vec<String> {
-    ["", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4"]
-        .iter()
-        .map(|s| format!("{prefix}{s}"))
-        .collect()
+    [
+        "",
+        ".absmax",
+        ".quant_map",
+        ".nested_absmax",
+        ".nested_quant_map",
+        ".quant_state.bitsandbytes__nf4",
+    ]
+    .iter()
+    .map(|s| format!("{prefix}{s}"))
+    .collect()
 }
 
 /// Rounds values to bf16 precision in place (so they are exactly what a bf16 checkpoint holds).
 pub fn round_to_bf16(values: &mut [f32]) {
-    values.par_iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
+    values
+        .par_iter_mut()
+        .for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
 }
 
 struct Plan {
@@ -187,16 +215,20 @@ impl Plan {
     fn dense(&mut self, name: String, shape: Vec<usize>, dtype: DType, a: f32, center: f32) {
         let n: usize = shape.iter().product();
         let seed = self.seed;
-        self.groups.push(TensorGroup::new(vec![name.clone()], (n * dtype.size()) as u64, move || {
-            let mut v = random_uniform(seed, &name, n, a);
-            if center != 0.0 {
-                v.par_iter_mut().for_each(|x| *x += center);
-            }
-            Ok(vec![match dtype {
-                DType::F32 => OwnedTensor::f32(name, shape, &v),
-                _ => OwnedTensor::bf16(name, shape, &v),
-            }])
-        }));
+        self.groups.push(TensorGroup::new(
+            vec![name.clone()],
+            (n * dtype.size()) as u64,
+            move || {
+                let mut v = random_uniform(seed, &name, n, a);
+                if center != 0.0 {
+                    v.par_iter_mut().for_each(|x| *x += center);
+                }
+                Ok(vec![match dtype {
+                    DType::F32 => OwnedTensor::f32(name, shape, &v),
+                    _ => OwnedTensor::bf16(name, shape, &v),
+                }])
+            },
+        ));
     }
 
     fn nf4(&mut self, prefix: String, rows: usize, cols: usize) {
@@ -220,7 +252,12 @@ impl Plan {
             let per: Vec<(Vec<u8>, Vec<u8>)> = (0..experts)
                 .into_par_iter()
                 .map(|e| {
-                    let v = random_uniform(seed, &format!("{base}[{e}]"), rows * cols, half_width(0.02));
+                    let v = random_uniform(
+                        seed,
+                        &format!("{base}[{e}]"),
+                        rows * cols,
+                        half_width(0.02),
+                    );
                     mxfp4_quantize::quantize_mxfp4(&v, rows, cols)
                 })
                 .collect();
@@ -230,51 +267,169 @@ impl Plan {
                 scales.extend_from_slice(&s);
             }
             Ok(vec![
-                OwnedTensor::new(format!("{base}_blocks"), DType::U8, vec![experts, rows, g, 16], blocks),
-                OwnedTensor::new(format!("{base}_scales"), DType::U8, vec![experts, rows, g], scales),
+                OwnedTensor::new(
+                    format!("{base}_blocks"),
+                    DType::U8,
+                    vec![experts, rows, g, 16],
+                    blocks,
+                ),
+                OwnedTensor::new(
+                    format!("{base}_scales"),
+                    DType::U8,
+                    vec![experts, rows, g],
+                    scales,
+                ),
             ])
         }));
     }
 
     fn build(mut self) -> Vec<TensorGroup<'static>> {
         let c = self.cfg.clone();
-        let (h, i, e, v) = (c.hidden_size, c.intermediate_size, c.num_local_experts, c.vocab_size);
+        let (h, i, e, v) = (
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_local_experts,
+            c.vocab_size,
+        );
         let w = half_width(0.02);
-        let norm_dtype = if self.layout == SynthLayout::UnslothNf4 { DType::F32 } else { DType::BF16 };
-        self.dense("model.embed_tokens.weight".into(), vec![v, h], DType::BF16, w, 0.0);
+        let norm_dtype = if self.layout == SynthLayout::UnslothNf4 {
+            DType::F32
+        } else {
+            DType::BF16
+        };
+        self.dense(
+            "model.embed_tokens.weight".into(),
+            vec![v, h],
+            DType::BF16,
+            w,
+            0.0,
+        );
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            self.dense(format!("{p}.input_layernorm.weight"), vec![h], norm_dtype, 0.2, 1.0);
-            self.dense(format!("{p}.post_attention_layernorm.weight"), vec![h], norm_dtype, 0.2, 1.0);
-            for (name, rows, cols) in [("q_proj", c.q_dim(), h), ("k_proj", c.kv_dim(), h), ("v_proj", c.kv_dim(), h), ("o_proj", h, c.q_dim())] {
-                self.dense(format!("{p}.self_attn.{name}.weight"), vec![rows, cols], DType::BF16, w, 0.0);
-                self.dense(format!("{p}.self_attn.{name}.bias"), vec![rows], DType::BF16, w, 0.0);
+            self.dense(
+                format!("{p}.input_layernorm.weight"),
+                vec![h],
+                norm_dtype,
+                0.2,
+                1.0,
+            );
+            self.dense(
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![h],
+                norm_dtype,
+                0.2,
+                1.0,
+            );
+            for (name, rows, cols) in [
+                ("q_proj", c.q_dim(), h),
+                ("k_proj", c.kv_dim(), h),
+                ("v_proj", c.kv_dim(), h),
+                ("o_proj", h, c.q_dim()),
+            ] {
+                self.dense(
+                    format!("{p}.self_attn.{name}.weight"),
+                    vec![rows, cols],
+                    DType::BF16,
+                    w,
+                    0.0,
+                );
+                self.dense(
+                    format!("{p}.self_attn.{name}.bias"),
+                    vec![rows],
+                    DType::BF16,
+                    w,
+                    0.0,
+                );
             }
-            self.dense(format!("{p}.self_attn.sinks"), vec![c.num_attention_heads], DType::BF16, 1.0, 0.0);
-            let router = if self.layout == SynthLayout::UnslothNf4 { "router.linear" } else { "router" };
-            self.dense(format!("{p}.mlp.{router}.weight"), vec![e, h], DType::BF16, w, 0.0);
-            self.dense(format!("{p}.mlp.{router}.bias"), vec![e], DType::BF16, w, 0.0);
+            self.dense(
+                format!("{p}.self_attn.sinks"),
+                vec![c.num_attention_heads],
+                DType::BF16,
+                1.0,
+                0.0,
+            );
+            let router = if self.layout == SynthLayout::UnslothNf4 {
+                "router.linear"
+            } else {
+                "router"
+            };
+            self.dense(
+                format!("{p}.mlp.{router}.weight"),
+                vec![e, h],
+                DType::BF16,
+                w,
+                0.0,
+            );
+            self.dense(
+                format!("{p}.mlp.{router}.bias"),
+                vec![e],
+                DType::BF16,
+                w,
+                0.0,
+            );
             let x = format!("{p}.mlp.experts");
             match self.layout {
                 SynthLayout::UnslothNf4 => {
                     for ex in 0..e {
                         self.nf4(format!("{x}.gate_up_projs.{ex}.weight"), 2 * i, h);
-                        self.dense(format!("{x}.gate_up_projs.{ex}.bias"), vec![2 * i], DType::BF16, w, 0.0);
+                        self.dense(
+                            format!("{x}.gate_up_projs.{ex}.bias"),
+                            vec![2 * i],
+                            DType::BF16,
+                            w,
+                            0.0,
+                        );
                         self.nf4(format!("{x}.down_projs.{ex}.weight"), h, i);
-                        self.dense(format!("{x}.down_projs.{ex}.bias"), vec![h], DType::BF16, w, 0.0);
+                        self.dense(
+                            format!("{x}.down_projs.{ex}.bias"),
+                            vec![h],
+                            DType::BF16,
+                            w,
+                            0.0,
+                        );
                     }
                 }
                 SynthLayout::Mxfp4 => {
                     self.mxfp4_stack(format!("{x}.gate_up_proj"), e, 2 * i, h);
-                    self.dense(format!("{x}.gate_up_proj_bias"), vec![e, 2 * i], DType::BF16, w, 0.0);
+                    self.dense(
+                        format!("{x}.gate_up_proj_bias"),
+                        vec![e, 2 * i],
+                        DType::BF16,
+                        w,
+                        0.0,
+                    );
                     self.mxfp4_stack(format!("{x}.down_proj"), e, h, i);
-                    self.dense(format!("{x}.down_proj_bias"), vec![e, h], DType::BF16, w, 0.0);
+                    self.dense(
+                        format!("{x}.down_proj_bias"),
+                        vec![e, h],
+                        DType::BF16,
+                        w,
+                        0.0,
+                    );
                 }
                 SynthLayout::Bf16 => {
-                    self.dense(format!("{x}.gate_up_proj"), vec![e, h, 2 * i], DType::BF16, w, 0.0);
-                    self.dense(format!("{x}.gate_up_proj_bias"), vec![e, 2 * i], DType::BF16, w, 0.0);
+                    self.dense(
+                        format!("{x}.gate_up_proj"),
+                        vec![e, h, 2 * i],
+                        DType::BF16,
+                        w,
+                        0.0,
+                    );
+                    self.dense(
+                        format!("{x}.gate_up_proj_bias"),
+                        vec![e, 2 * i],
+                        DType::BF16,
+                        w,
+                        0.0,
+                    );
                     self.dense(format!("{x}.down_proj"), vec![e, i, h], DType::BF16, w, 0.0);
-                    self.dense(format!("{x}.down_proj_bias"), vec![e, h], DType::BF16, w, 0.0);
+                    self.dense(
+                        format!("{x}.down_proj_bias"),
+                        vec![e, h],
+                        DType::BF16,
+                        w,
+                        0.0,
+                    );
                 }
             }
         }
@@ -294,7 +449,13 @@ pub fn synth_config_json(preset: Preset, layout: SynthLayout) -> serde_json::Val
 }
 
 /// Writes a random-weight checkpoint of `preset` in `layout` to `out`.
-pub fn synth(preset: Preset, layout: SynthLayout, seed: u64, out: &std::path::Path, mut opts: WriteOptions) -> Result<WriteSummary> {
+pub fn synth(
+    preset: Preset,
+    layout: SynthLayout,
+    seed: u64,
+    out: &std::path::Path,
+    mut opts: WriteOptions,
+) -> Result<WriteSummary> {
     let cfg_json = synth_config_json(preset, layout);
     let text = serde_json::to_string_pretty(&cfg_json).expect("json");
     let cfg = GptOssConfig::from_json_str(&text).map_err(FormatError::Invalid)?;
@@ -302,14 +463,25 @@ pub fn synth(preset: Preset, layout: SynthLayout, seed: u64, out: &std::path::Pa
         opts.naming = ShardNaming::ZeroBased;
         opts.force_index = true;
     }
-    let plan = Plan { seed, cfg: Arc::new(cfg), layout, groups: Vec::new() };
+    let plan = Plan {
+        seed,
+        cfg: Arc::new(cfg),
+        layout,
+        groups: Vec::new(),
+    };
     write_checkpoint(out, &text, plan.build(), opts)
 }
 
 /// Estimated bytes of a synthetic checkpoint (for progress bars).
 pub fn estimated_bytes(preset: Preset, layout: SynthLayout) -> u64 {
-    let cfg = GptOssConfig::from_json_str(&synth_config_json(preset, layout).to_string()).expect("preset config is valid");
-    let plan = Plan { seed: 0, cfg: Arc::new(cfg), layout, groups: Vec::new() };
+    let cfg = GptOssConfig::from_json_str(&synth_config_json(preset, layout).to_string())
+        .expect("preset config is valid");
+    let plan = Plan {
+        seed: 0,
+        cfg: Arc::new(cfg),
+        layout,
+        groups: Vec::new(),
+    };
     plan.build().iter().map(|g| g.approx_bytes).sum()
 }
 
@@ -326,8 +498,14 @@ pub fn demo_model_dir() -> Result<std::path::PathBuf> {
     let base = std::env::var_os("GPTOSS_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|p| PathBuf::from(p).join("gptoss")))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("gptoss")))
-        .ok_or_else(|| FormatError::NotFound("no cache directory for the demo model: set GPTOSS_CACHE or HOME".into()))?;
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("gptoss"))
+        })
+        .ok_or_else(|| {
+            FormatError::NotFound(
+                "no cache directory for the demo model: set GPTOSS_CACHE or HOME".into(),
+            )
+        })?;
     let dir = base.join(DEMO_MODEL_VERSION);
     if dir.join("config.json").exists() {
         return Ok(dir);
@@ -335,7 +513,13 @@ pub fn demo_model_dir() -> Result<std::path::PathBuf> {
     std::fs::create_dir_all(&base).map_err(|e| FormatError::io(&base, e))?;
     let tmp = base.join(format!("{DEMO_MODEL_VERSION}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    synth(Preset::Tiny, SynthLayout::UnslothNf4, 0, &tmp, WriteOptions::default())?;
+    synth(
+        Preset::Tiny,
+        SynthLayout::UnslothNf4,
+        0,
+        &tmp,
+        WriteOptions::default(),
+    )?;
     match std::fs::rename(&tmp, &dir) {
         Ok(()) => Ok(dir),
         // another process finished first: use theirs

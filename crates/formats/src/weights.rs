@@ -86,7 +86,10 @@ impl Matrix<'_> {
     pub fn decode_stored(&self, start: usize, dst: &mut [f32]) {
         match &self.data {
             MatrixData::Dense { dtype, bytes } => decode_dense(*dtype, bytes, start, dst),
-            MatrixData::Bnb4 { tensor, elem_offset } => tensor.decode_into(elem_offset + start, dst),
+            MatrixData::Bnb4 {
+                tensor,
+                elem_offset,
+            } => tensor.decode_into(elem_offset + start, dst),
             MatrixData::Mxfp4(m) => m.decode_into(start, dst),
         }
     }
@@ -149,7 +152,11 @@ impl Matrix<'_> {
             MatrixData::Bnb4 { tensor, .. } => {
                 let meta = match tensor.absmax {
                     Absmax::F32(a) => a.len(),
-                    Absmax::Nested { codes, nested_absmax, .. } => codes.len() + nested_absmax.len(),
+                    Absmax::Nested {
+                        codes,
+                        nested_absmax,
+                        ..
+                    } => codes.len() + nested_absmax.len(),
                 };
                 let per_elem = (tensor.packed.len() + meta) as f64 / tensor.numel as f64;
                 (per_elem * self.numel() as f64).round() as usize
@@ -288,10 +295,16 @@ pub fn probe(ckpt: &Checkpoint) -> ProbeReport<'_> {
         }
     };
     let used = m.used.into_inner();
-    let unused = ckpt.names().filter(|n| !used.contains(*n)).map(String::from).collect();
+    let unused = ckpt
+        .names()
+        .filter(|n| !used.contains(*n))
+        .map(String::from)
+        .collect();
     let mut problems = m.problems.into_inner();
     if weights.is_none() && problems.is_empty() {
-        problems.push(FormatError::Invalid("the weights could not be mapped".into()));
+        problems.push(FormatError::Invalid(
+            "the weights could not be mapped".into(),
+        ));
     }
     ProbeReport {
         weights: if problems.is_empty() { weights } else { None },
@@ -318,7 +331,10 @@ fn prefetch_quant_states(ckpt: &Checkpoint) {
     std::thread::scope(|s| {
         for part in states.chunks(states.len().div_ceil(THREADS)) {
             s.spawn(move || {
-                let touched: u64 = part.iter().map(|b| b.iter().step_by(4096).map(|x| *x as u64).sum::<u64>()).sum();
+                let touched: u64 = part
+                    .iter()
+                    .map(|b| b.iter().step_by(4096).map(|x| *x as u64).sum::<u64>())
+                    .sum();
                 std::hint::black_box(touched);
             });
         }
@@ -336,7 +352,9 @@ pub fn detect_layout(ckpt: &Checkpoint) -> Result<Layout> {
 
 fn detect_layer_layout(ckpt: &Checkpoint, layer: usize) -> Result<Layout> {
     let p = format!("model.layers.{layer}.mlp.experts.");
-    if ckpt.contains(&format!("{p}gate_up_projs.0.weight")) || ckpt.contains(&format!("{p}down_projs.0.weight")) {
+    if ckpt.contains(&format!("{p}gate_up_projs.0.weight"))
+        || ckpt.contains(&format!("{p}down_projs.0.weight"))
+    {
         return Ok(Layout::UnslothSplit);
     }
     if ckpt.contains(&format!("{p}gate_up_proj_blocks")) {
@@ -424,7 +442,10 @@ impl<'a> Mapper<'a> {
         if t.dtype.is_float() {
             return true;
         }
-        self.report(t.error(format!("dtype {} where a float tensor (BF16/F16/F32) is expected", t.dtype)));
+        self.report(t.error(format!(
+            "dtype {} where a float tensor (BF16/F16/F32) is expected",
+            t.dtype
+        )));
         false
     }
 
@@ -451,7 +472,10 @@ impl<'a> Mapper<'a> {
                 rows,
                 cols,
                 orientation: Orientation::OutIn,
-                data: MatrixData::Bnb4 { tensor, elem_offset: 0 },
+                data: MatrixData::Bnb4 {
+                    tensor,
+                    elem_offset: 0,
+                },
             });
         }
         (self.check_float(&t) & self.check_shape(&t, &[rows, cols])).then(|| Matrix {
@@ -459,12 +483,19 @@ impl<'a> Mapper<'a> {
             rows,
             cols,
             orientation: Orientation::OutIn,
-            data: MatrixData::Dense { dtype: t.dtype, bytes: t.bytes },
+            data: MatrixData::Dense {
+                dtype: t.dtype,
+                bytes: t.bytes,
+            },
         })
     }
 
     fn check_json_shape(&self, t: &TensorRef<'_>, found: &[usize], expected: &[usize]) {
-        let hint = if is_transposed(found, expected) { " (transposed?)" } else { "" };
+        let hint = if is_transposed(found, expected) {
+            " (transposed?)"
+        } else {
+            ""
+        };
         self.report(t.error(format!(
             "quant-state shape {} does not match the config: expected {}{hint}",
             shape_str(found),
@@ -478,7 +509,10 @@ impl<'a> Mapper<'a> {
             true => Some(self.vector(&format!("{prefix}.bias"), rows)?),
             false => None,
         };
-        Some(Linear { weight: weight?, bias })
+        Some(Linear {
+            weight: weight?,
+            bias,
+        })
     }
 
     /// If `t` has a bitsandbytes quant state, the validated 4-bit view and its JSON shape.
@@ -486,10 +520,11 @@ impl<'a> Mapper<'a> {
     #[allow(clippy::type_complexity)]
     fn bnb4(&self, t: &TensorRef<'a>) -> Option<Option<(Bnb4Tensor<'a>, Vec<usize>)>> {
         let name = t.name;
-        let (kind, state_t) = match [Bnb4Kind::Nf4, Bnb4Kind::Fp4]
-            .into_iter()
-            .find_map(|k| self.ckpt.get(&format!("{name}.{}", k.state_suffix())).map(|s| (k, s)))
-        {
+        let (kind, state_t) = match [Bnb4Kind::Nf4, Bnb4Kind::Fp4].into_iter().find_map(|k| {
+            self.ckpt
+                .get(&format!("{name}.{}", k.state_suffix()))
+                .map(|s| (k, s))
+        }) {
             Some(x) => x,
             None => {
                 if t.dtype == DType::U8 && self.ckpt.contains(&format!("{name}.absmax")) {
@@ -528,9 +563,16 @@ impl<'a> Mapper<'a> {
                 ));
                 return None;
             };
-            for (tt, want) in [(&absmax_t, DType::U8), (&nested_absmax, DType::F32), (&nested_code, DType::F32)] {
+            for (tt, want) in [
+                (&absmax_t, DType::U8),
+                (&nested_absmax, DType::F32),
+                (&nested_code, DType::F32),
+            ] {
                 if tt.dtype != want {
-                    self.report(tt.error(format!("dtype {} where {want} is expected for double quantization", tt.dtype)));
+                    self.report(tt.error(format!(
+                        "dtype {} where {want} is expected for double quantization",
+                        tt.dtype
+                    )));
                     return None;
                 }
             }
@@ -568,7 +610,8 @@ impl<'a> Mapper<'a> {
     fn model(&self, layout: Layout) -> Option<ModelWeights<'a>> {
         let c = self.cfg;
         let embed = self.linear_weight("model.embed_tokens.weight", c.vocab_size, c.hidden_size);
-        let layers: Vec<Option<LayerWeights<'a>>> = (0..c.num_hidden_layers).map(|l| self.layer(l)).collect();
+        let layers: Vec<Option<LayerWeights<'a>>> =
+            (0..c.num_hidden_layers).map(|l| self.layer(l)).collect();
         let norm = self.vector("model.norm.weight", c.hidden_size);
         let lm_head = self.linear_weight("lm_head.weight", c.vocab_size, c.hidden_size);
         let layers: Option<Vec<_>> = layers.into_iter().collect();
@@ -631,9 +674,17 @@ impl<'a> Mapper<'a> {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let experts: Vec<Option<Expert<'a>>> = (0..c.num_local_experts)
             .map(|e| {
-                let gate_up = self.linear(&format!("{p}.mlp.experts.gate_up_projs.{e}"), 2 * i, h, true);
+                let gate_up = self.linear(
+                    &format!("{p}.mlp.experts.gate_up_projs.{e}"),
+                    2 * i,
+                    h,
+                    true,
+                );
                 let down = self.linear(&format!("{p}.mlp.experts.down_projs.{e}"), h, i, true);
-                Some(Expert { gate_up: gate_up?, down: down? })
+                Some(Expert {
+                    gate_up: gate_up?,
+                    down: down?,
+                })
             })
             .collect();
         experts.into_iter().collect()
@@ -657,7 +708,10 @@ impl<'a> Mapper<'a> {
                         rows,
                         cols,
                         orientation: Orientation::InOut,
-                        data: MatrixData::Bnb4 { tensor, elem_offset: e * per },
+                        data: MatrixData::Bnb4 {
+                            tensor,
+                            elem_offset: e * per,
+                        },
                     })
                     .collect(),
             );
@@ -673,7 +727,10 @@ impl<'a> Mapper<'a> {
                     rows,
                     cols,
                     orientation: Orientation::InOut,
-                    data: MatrixData::Dense { dtype: t.dtype, bytes: &t.bytes[e * sz..(e + 1) * sz] },
+                    data: MatrixData::Dense {
+                        dtype: t.dtype,
+                        bytes: &t.bytes[e * sz..(e + 1) * sz],
+                    },
                 })
                 .collect(),
         )
@@ -714,20 +771,26 @@ impl<'a> Mapper<'a> {
         let blocks = self.take(&format!("{base}_blocks"))?;
         let scales = self.take(&format!("{base}_scales"))?;
         let g = cols / crate::codec::mxfp4::MXFP4_BLOCK;
-        let mut ok = self.check_shape(&blocks, &[e_count, rows, g, 16]) & self.check_shape(&scales, &[e_count, rows, g]);
+        let mut ok = self.check_shape(&blocks, &[e_count, rows, g, 16])
+            & self.check_shape(&scales, &[e_count, rows, g]);
         for t in [&blocks, &scales] {
             if t.dtype != DType::U8 {
                 self.report(t.error(format!("dtype {} where U8 is expected for MXFP4", t.dtype)));
                 ok = false;
             }
         }
-        if !ok || cols % crate::codec::mxfp4::MXFP4_BLOCK != 0 {
+        if !ok || !cols.is_multiple_of(crate::codec::mxfp4::MXFP4_BLOCK) {
             return None;
         }
         let (bsz, ssz) = (rows * cols / 2, rows * g);
         let mut out = Vec::with_capacity(e_count);
         for e in 0..e_count {
-            match Mxfp4Matrix::new(&blocks.bytes[e * bsz..(e + 1) * bsz], &scales.bytes[e * ssz..(e + 1) * ssz], rows, cols) {
+            match Mxfp4Matrix::new(
+                &blocks.bytes[e * bsz..(e + 1) * bsz],
+                &scales.bytes[e * ssz..(e + 1) * ssz],
+                rows,
+                cols,
+            ) {
                 Ok(m) => out.push(Matrix {
                     name: format!("{base}_blocks[{e}]"),
                     rows,
@@ -755,13 +818,24 @@ impl<'a> Mapper<'a> {
     }
 }
 
-fn zip_experts<'a>(gu: Vec<Matrix<'a>>, gub: Vec<Vector<'a>>, dn: Vec<Matrix<'a>>, dnb: Vec<Vector<'a>>) -> Vec<Expert<'a>> {
+fn zip_experts<'a>(
+    gu: Vec<Matrix<'a>>,
+    gub: Vec<Vector<'a>>,
+    dn: Vec<Matrix<'a>>,
+    dnb: Vec<Vector<'a>>,
+) -> Vec<Expert<'a>> {
     gu.into_iter()
         .zip(gub)
         .zip(dn.into_iter().zip(dnb))
         .map(|((g, gb), (d, db))| Expert {
-            gate_up: Linear { weight: g, bias: Some(gb) },
-            down: Linear { weight: d, bias: Some(db) },
+            gate_up: Linear {
+                weight: g,
+                bias: Some(gb),
+            },
+            down: Linear {
+                weight: d,
+                bias: Some(db),
+            },
         })
         .collect()
 }

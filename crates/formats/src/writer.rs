@@ -34,7 +34,12 @@ pub struct OwnedTensor {
 impl OwnedTensor {
     /// A tensor from raw bytes; the length is checked when written.
     pub fn new(name: impl Into<String>, dtype: DType, shape: Vec<usize>, data: Vec<u8>) -> Self {
-        OwnedTensor { name: name.into(), dtype, shape, data }
+        OwnedTensor {
+            name: name.into(),
+            dtype,
+            shape,
+            data,
+        }
     }
 
     /// An F32 tensor.
@@ -71,7 +76,11 @@ impl<'a> TensorGroup<'a> {
         approx_bytes: u64,
         produce: impl FnOnce() -> Result<Vec<OwnedTensor>> + Send + 'a,
     ) -> Self {
-        TensorGroup { names, approx_bytes, produce: Box::new(produce) }
+        TensorGroup {
+            names,
+            approx_bytes,
+            produce: Box::new(produce),
+        }
     }
 }
 
@@ -126,7 +135,11 @@ fn dtype_name(d: DType) -> Result<&'static str> {
         DType::I32 => "I32",
         DType::I64 => "I64",
         DType::Bool => "BOOL",
-        DType::Other => return Err(FormatError::Invalid("cannot write a tensor of unknown dtype".into())),
+        DType::Other => {
+            return Err(FormatError::Invalid(
+                "cannot write a tensor of unknown dtype".into(),
+            ));
+        }
     })
 }
 
@@ -145,8 +158,16 @@ impl ShardFile {
         let tmp_path = final_path.with_extension("safetensors.partial");
         let file = File::create(&tmp_path).map_err(|e| FormatError::io(&tmp_path, e))?;
         let mut out = BufWriter::with_capacity(8 << 20, file);
-        out.seek(SeekFrom::Start(8 + reserved as u64)).map_err(|e| FormatError::io(&tmp_path, e))?;
-        Ok(ShardFile { final_path, tmp_path, out, reserved, header: Vec::new(), offset: 0 })
+        out.seek(SeekFrom::Start(8 + reserved as u64))
+            .map_err(|e| FormatError::io(&tmp_path, e))?;
+        Ok(ShardFile {
+            final_path,
+            tmp_path,
+            out,
+            reserved,
+            header: Vec::new(),
+            offset: 0,
+        })
     }
 
     fn push(&mut self, t: &OwnedTensor) -> Result<()> {
@@ -160,10 +181,18 @@ impl ShardFile {
                 t.shape
             )));
         }
-        self.out.write_all(&t.data).map_err(|e| FormatError::io(&self.tmp_path, e))?;
+        self.out
+            .write_all(&t.data)
+            .map_err(|e| FormatError::io(&self.tmp_path, e))?;
         let start = self.offset;
         self.offset += t.data.len();
-        self.header.push((t.name.clone(), dtype_name(t.dtype)?, t.shape.clone(), start, self.offset));
+        self.header.push((
+            t.name.clone(),
+            dtype_name(t.dtype)?,
+            t.shape.clone(),
+            start,
+            self.offset,
+        ));
         Ok(())
     }
 
@@ -171,7 +200,10 @@ impl ShardFile {
         let mut map = serde_json::Map::new();
         map.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
         for (name, dtype, shape, s, e) in &self.header {
-            map.insert(name.clone(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [s, e]}));
+            map.insert(
+                name.clone(),
+                serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [s, e]}),
+            );
         }
         let mut json = serde_json::to_vec(&map).expect("header serializes");
         if json.len() > self.reserved {
@@ -184,11 +216,18 @@ impl ShardFile {
         json.resize(self.reserved, b' ');
         let io = |e| FormatError::io(&self.tmp_path, e);
         self.out.seek(SeekFrom::Start(0)).map_err(io)?;
-        self.out.write_all(&(self.reserved as u64).to_le_bytes()).map_err(io)?;
+        self.out
+            .write_all(&(self.reserved as u64).to_le_bytes())
+            .map_err(io)?;
         self.out.write_all(&json).map_err(io)?;
-        let file = self.out.into_inner().map_err(|e| FormatError::io(&self.tmp_path, e.into_error()))?;
-        file.sync_all().map_err(|e| FormatError::io(&self.tmp_path, e))?;
-        std::fs::rename(&self.tmp_path, &self.final_path).map_err(|e| FormatError::io(&self.final_path, e))?;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| FormatError::io(&self.tmp_path, e.into_error()))?;
+        file.sync_all()
+            .map_err(|e| FormatError::io(&self.tmp_path, e))?;
+        std::fs::rename(&self.tmp_path, &self.final_path)
+            .map_err(|e| FormatError::io(&self.final_path, e))?;
         Ok(self.final_path)
     }
 }
@@ -201,8 +240,16 @@ fn header_reserve(names_len: usize, count: usize) -> usize {
 
 /// Writes a complete checkpoint directory: shards (+ index when more than one, or when forced)
 /// and `config.json`. Refuses to write into a directory that already holds a checkpoint.
-pub fn write_checkpoint(out: &Path, config_json: &str, groups: Vec<TensorGroup<'_>>, opts: WriteOptions) -> Result<WriteSummary> {
-    if out.join("config.json").exists() || out.join(SINGLE_FILE).exists() || out.join(INDEX_FILE).exists() {
+pub fn write_checkpoint(
+    out: &Path,
+    config_json: &str,
+    groups: Vec<TensorGroup<'_>>,
+    opts: WriteOptions,
+) -> Result<WriteSummary> {
+    if out.join("config.json").exists()
+        || out.join(SINGLE_FILE).exists()
+        || out.join(INDEX_FILE).exists()
+    {
         return Err(FormatError::Invalid(format!(
             "{}: already holds a checkpoint; choose an empty or new directory",
             out.display()
@@ -241,11 +288,17 @@ pub fn write_checkpoint(out: &Path, config_json: &str, groups: Vec<TensorGroup<'
     let mut groups = groups.into_iter().zip(shard_of).peekable();
     let mut current: Option<(usize, ShardFile)> = None;
     let mut weight_map = BTreeMap::new();
-    let mut summary = WriteSummary { shards: Vec::new(), tensors: 0, bytes: 0 };
+    let mut summary = WriteSummary {
+        shards: Vec::new(),
+        tensors: 0,
+        bytes: 0,
+    };
     while groups.peek().is_some() {
         let batch: Vec<(TensorGroup<'_>, usize)> = groups.by_ref().take(window).collect();
-        let produced: Vec<(Result<Vec<OwnedTensor>>, usize)> =
-            batch.into_par_iter().map(|(g, s)| ((g.produce)(), s)).collect();
+        let produced: Vec<(Result<Vec<OwnedTensor>>, usize)> = batch
+            .into_par_iter()
+            .map(|(g, s)| ((g.produce)(), s))
+            .collect();
         for (tensors, s) in produced {
             let tensors = tensors?;
             if current.as_ref().map(|(i, _)| *i) != Some(s) {
@@ -254,7 +307,10 @@ pub fn write_checkpoint(out: &Path, config_json: &str, groups: Vec<TensorGroup<'
                 }
                 let path = out.join(shard_name(s));
                 let (names_len, count) = reserve[s];
-                current = Some((s, ShardFile::create(path, header_reserve(names_len, count))?));
+                current = Some((
+                    s,
+                    ShardFile::create(path, header_reserve(names_len, count))?,
+                ));
             }
             let (_, f) = current.as_mut().expect("shard open");
             for t in &tensors {
@@ -273,7 +329,12 @@ pub fn write_checkpoint(out: &Path, config_json: &str, groups: Vec<TensorGroup<'
     }
     if !single {
         let index = serde_json::json!({"metadata": {"total_size": summary.bytes}, "weight_map": weight_map});
-        write_atomic(&out.join(INDEX_FILE), serde_json::to_string_pretty(&index).expect("json").as_bytes())?;
+        write_atomic(
+            &out.join(INDEX_FILE),
+            serde_json::to_string_pretty(&index)
+                .expect("json")
+                .as_bytes(),
+        )?;
     }
     write_atomic(&out.join("config.json"), config_json.as_bytes())?;
     Ok(summary)

@@ -10,7 +10,10 @@ use gptoss_formats::{Checkpoint, ModelWeights};
 fn fresh(layout: SynthLayout) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("m");
-    let opts = WriteOptions { max_shard_bytes: 60_000, ..WriteOptions::default() };
+    let opts = WriteOptions {
+        max_shard_bytes: 60_000,
+        ..WriteOptions::default()
+    };
     synth(Preset::Micro, layout, 1, &dir, opts).unwrap();
     (tmp, dir)
 }
@@ -27,7 +30,10 @@ fn load_error(dir: &Path) -> String {
 }
 
 fn index(dir: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap()).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap()
 }
 
 /// The shard file holding `tensor`.
@@ -39,7 +45,8 @@ fn shard_of(dir: &Path, tensor: &str) -> PathBuf {
 fn edit_header(path: &Path, f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
     let bytes = std::fs::read(path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let mut header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     f(&mut header);
     let mut json = serde_json::to_vec(&header).unwrap();
     json.resize(json.len().next_multiple_of(8), b' ');
@@ -55,7 +62,10 @@ fn edit_data(path: &Path, tensor: &str, f: impl FnOnce(&mut Vec<u8>)) {
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     let off = &header[tensor]["data_offsets"];
-    let (s, e) = (8 + n + off[0].as_u64().unwrap() as usize, 8 + n + off[1].as_u64().unwrap() as usize);
+    let (s, e) = (
+        8 + n + off[0].as_u64().unwrap() as usize,
+        8 + n + off[1].as_u64().unwrap() as usize,
+    );
     let mut data = bytes[s..e].to_vec();
     f(&mut data);
     assert_eq!(data.len(), e - s, "edit_data must keep the length");
@@ -79,7 +89,10 @@ fn truncated_shard() {
     let bytes = std::fs::read(&shard).unwrap();
     std::fs::write(&shard, &bytes[..bytes.len() - 1000]).unwrap();
     let err = load_error(&dir);
-    assert_mentions(&err, &[shard.file_name().unwrap().to_str().unwrap(), "truncated"]);
+    assert_mentions(
+        &err,
+        &[shard.file_name().unwrap().to_str().unwrap(), "truncated"],
+    );
 }
 
 #[test]
@@ -102,7 +115,14 @@ fn index_names_a_missing_file() {
     let shard = shard_of(&dir, GU);
     std::fs::remove_file(&shard).unwrap();
     let err = load_error(&dir);
-    assert_mentions(&err, &["model.safetensors.index.json", shard.file_name().unwrap().to_str().unwrap(), "does not exist"]);
+    assert_mentions(
+        &err,
+        &[
+            "model.safetensors.index.json",
+            shard.file_name().unwrap().to_str().unwrap(),
+            "does not exist",
+        ],
+    );
 }
 
 #[test]
@@ -110,7 +130,8 @@ fn wrong_shape_for_the_config() {
     let (_t, dir) = fresh(SynthLayout::Bf16);
     // claim a hidden size the tensors do not have
     let cfg_path = dir.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["num_attention_heads"] = serde_json::json!(8);
     cfg["num_key_value_heads"] = serde_json::json!(4);
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
@@ -170,7 +191,10 @@ fn inconsistent_absmax_length() {
         let s = t["data_offsets"][0].as_u64().unwrap();
         t["data_offsets"] = serde_json::json!([s, s + n - 8]);
         // give the 8 freed bytes to a new dummy tensor so the file stays contiguous
-        h.insert("zz.pad".into(), serde_json::json!({"dtype": "U8", "shape": [8], "data_offsets": [s + n - 8, s + n]}));
+        h.insert(
+            "zz.pad".into(),
+            serde_json::json!({"dtype": "U8", "shape": [8], "data_offsets": [s + n - 8, s + n]}),
+        );
     });
     let ipath = dir.join("model.safetensors.index.json");
     let mut idx = index(&dir);
@@ -189,7 +213,13 @@ fn header_larger_than_the_file() {
     bytes[..8].copy_from_slice(&claimed.to_le_bytes());
     std::fs::write(&shard, bytes).unwrap();
     let err = load_error(&dir);
-    assert_mentions(&err, &[shard.file_name().unwrap().to_str().unwrap(), "header claims"]);
+    assert_mentions(
+        &err,
+        &[
+            shard.file_name().unwrap().to_str().unwrap(),
+            "header claims",
+        ],
+    );
 }
 
 #[test]
@@ -208,7 +238,11 @@ fn empty_directory() {
     let tmp = tempfile::tempdir().unwrap();
     let err = load_error(tmp.path());
     assert_mentions(&err, &["no config.json"]);
-    std::fs::write(tmp.path().join("config.json"), gptoss_formats::synth::synth_config_json(Preset::Micro, SynthLayout::Bf16).to_string()).unwrap();
+    std::fs::write(
+        tmp.path().join("config.json"),
+        gptoss_formats::synth::synth_config_json(Preset::Micro, SynthLayout::Bf16).to_string(),
+    )
+    .unwrap();
     let err = load_error(tmp.path());
     assert_mentions(&err, &["no weights found", "model.safetensors"]);
 }
@@ -216,7 +250,11 @@ fn empty_directory() {
 #[test]
 fn not_a_gpt_oss_config() {
     let (_t, dir) = fresh(SynthLayout::Bf16);
-    std::fs::write(dir.join("config.json"), r#"{"model_type": "llama", "hidden_size": 4096}"#).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"model_type": "llama", "hidden_size": 4096}"#,
+    )
+    .unwrap();
     let err = load_error(&dir);
     assert_mentions(&err, &["config.json", "not a GPT-OSS config", "llama"]);
 }

@@ -17,7 +17,10 @@ fn micro(layout: SynthLayout, dir: &Path) -> PathBuf {
 }
 
 fn small_shards() -> WriteOptions {
-    WriteOptions { max_shard_bytes: 200_000, ..WriteOptions::default() }
+    WriteOptions {
+        max_shard_bytes: 200_000,
+        ..WriteOptions::default()
+    }
 }
 
 #[test]
@@ -31,8 +34,16 @@ fn every_synth_layout_maps_cleanly() {
         let dir = micro(layout, tmp.path());
         let ckpt = Checkpoint::open(&dir).unwrap();
         let report = probe(&ckpt);
-        assert!(report.problems.is_empty(), "{layout:?}: {:?}", report.problems);
-        assert!(report.unused.is_empty(), "{layout:?}: unused {:?}", report.unused);
+        assert!(
+            report.problems.is_empty(),
+            "{layout:?}: {:?}",
+            report.problems
+        );
+        assert!(
+            report.unused.is_empty(),
+            "{layout:?}: unused {:?}",
+            report.unused
+        );
         let w = report.weights.unwrap();
         assert_eq!(w.layout, expect);
         assert_eq!(w.layers.len(), 2);
@@ -51,16 +62,44 @@ fn synth_is_deterministic_and_shards_with_an_index() {
     let tmp = tempfile::tempdir().unwrap();
     let a = tmp.path().join("a");
     let b = tmp.path().join("b");
-    synth(Preset::Micro, SynthLayout::UnslothNf4, 3, &a, small_shards()).unwrap();
-    synth(Preset::Micro, SynthLayout::UnslothNf4, 3, &b, small_shards()).unwrap();
-    let shards: Vec<_> = std::fs::read_dir(&a).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+    synth(
+        Preset::Micro,
+        SynthLayout::UnslothNf4,
+        3,
+        &a,
+        small_shards(),
+    )
+    .unwrap();
+    synth(
+        Preset::Micro,
+        SynthLayout::UnslothNf4,
+        3,
+        &b,
+        small_shards(),
+    )
+    .unwrap();
+    let shards: Vec<_> = std::fs::read_dir(&a)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .collect();
     assert!(a.join("model.safetensors.index.json").exists());
     assert!(shards.len() > 3, "{shards:?}");
     for s in shards {
-        assert_eq!(std::fs::read(a.join(&s)).unwrap(), std::fs::read(b.join(&s)).unwrap(), "{s:?} differs");
+        assert_eq!(
+            std::fs::read(a.join(&s)).unwrap(),
+            std::fs::read(b.join(&s)).unwrap(),
+            "{s:?} differs"
+        );
     }
     // no temporary files left behind
-    assert!(std::fs::read_dir(&a).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains("partial")));
+    assert!(
+        std::fs::read_dir(&a).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains("partial"))
+    );
     let ckpt = Checkpoint::open(&a).unwrap();
     ModelWeights::new(&ckpt).unwrap();
 }
@@ -72,30 +111,66 @@ fn convert_round_trips_between_layouts() {
     let src_dir = micro(SynthLayout::Bf16, tmp.path());
     let src = Checkpoint::open(&src_dir).unwrap();
     let out = tmp.path().join("fused");
-    convert(&src, ConvertTarget::FusedBf16, &out, WriteOptions::default()).unwrap();
+    convert(
+        &src,
+        ConvertTarget::FusedBf16,
+        &out,
+        WriteOptions::default(),
+    )
+    .unwrap();
     let dst = Checkpoint::open(&out).unwrap();
-    let (ws, wd) = (ModelWeights::new(&src).unwrap(), ModelWeights::new(&dst).unwrap());
-    assert_eq!(ws.layers[1].experts[2].down.weight.to_f32(), wd.layers[1].experts[2].down.weight.to_f32());
-    assert_eq!(ws.layers[0].q.weight.to_f32(), wd.layers[0].q.weight.to_f32());
+    let (ws, wd) = (
+        ModelWeights::new(&src).unwrap(),
+        ModelWeights::new(&dst).unwrap(),
+    );
+    assert_eq!(
+        ws.layers[1].experts[2].down.weight.to_f32(),
+        wd.layers[1].experts[2].down.weight.to_f32()
+    );
+    assert_eq!(
+        ws.layers[0].q.weight.to_f32(),
+        wd.layers[0].q.weight.to_f32()
+    );
 
     // mxfp4 -> unsloth-nf4: NF4 error within one 4-bit step of each block's absmax
     let src_dir = micro(SynthLayout::Mxfp4, tmp.path());
     let src = Checkpoint::open(&src_dir).unwrap();
     let out = tmp.path().join("nf4");
-    convert(&src, ConvertTarget::UnslothNf4, &out, WriteOptions::default()).unwrap();
+    convert(
+        &src,
+        ConvertTarget::UnslothNf4,
+        &out,
+        WriteOptions::default(),
+    )
+    .unwrap();
     let dst = Checkpoint::open(&out).unwrap();
-    let (ws, wd) = (ModelWeights::new(&src).unwrap(), ModelWeights::new(&dst).unwrap());
+    let (ws, wd) = (
+        ModelWeights::new(&src).unwrap(),
+        ModelWeights::new(&dst).unwrap(),
+    );
     assert_eq!(wd.layout, Layout::UnslothSplit);
-    let (a, b) = (ws.layers[0].experts[1].gate_up.weight.to_f32(), wd.layers[0].experts[1].gate_up.weight.to_f32());
+    let (a, b) = (
+        ws.layers[0].experts[1].gate_up.weight.to_f32(),
+        wd.layers[0].experts[1].gate_up.weight.to_f32(),
+    );
     for (blk_a, blk_b) in a.chunks(64).zip(b.chunks(64)) {
         let amax = blk_a.iter().fold(0f32, |m, x| m.max(x.abs()));
         for (x, y) in blk_a.iter().zip(blk_b) {
-            assert!((x - y).abs() <= amax * 0.17 + 1e-7, "{x} vs {y} (block absmax {amax})");
+            assert!(
+                (x - y).abs() <= amax * 0.17 + 1e-7,
+                "{x} vs {y} (block absmax {amax})"
+            );
         }
     }
     // and back to fused bf16
     let out2 = tmp.path().join("nf4-to-bf16");
-    convert(&dst, ConvertTarget::FusedBf16, &out2, WriteOptions::default()).unwrap();
+    convert(
+        &dst,
+        ConvertTarget::FusedBf16,
+        &out2,
+        WriteOptions::default(),
+    )
+    .unwrap();
     let back = Checkpoint::open(&out2).unwrap();
     let wb = ModelWeights::new(&back).unwrap();
     assert_eq!(wb.layout, Layout::FusedDense);
@@ -109,6 +184,16 @@ fn convert_round_trips_between_layouts() {
 fn refuses_to_overwrite_a_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = micro(SynthLayout::Bf16, tmp.path());
-    let err = synth(Preset::Micro, SynthLayout::Bf16, 7, &dir, WriteOptions::default()).unwrap_err();
-    assert!(err.to_string().contains("already holds a checkpoint"), "{err}");
+    let err = synth(
+        Preset::Micro,
+        SynthLayout::Bf16,
+        7,
+        &dir,
+        WriteOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("already holds a checkpoint"),
+        "{err}"
+    );
 }

@@ -37,9 +37,15 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let tokenizer = Tokenizer::for_model_dir(&dir)?;
     let harmony = HarmonyEncoding::new(tokenizer.clone());
     let mut backend = open_backend(&dir, a.device)?;
-    let mut sink = TerminalSink { hide_reasoning: a.hide_reasoning, color: use_color() };
+    let mut sink = TerminalSink {
+        hide_reasoning: a.hide_reasoning,
+        color: use_color(),
+    };
     let mut history: Vec<Message> = Vec::new();
-    eprintln!("chat with {} — /exit quits, /reset clears the history, /reasoning on|off, /effort low|medium|high", dir.display());
+    eprintln!(
+        "chat with {} — /exit quits, /reset clears the history, /reasoning on|off, /effort low|medium|high",
+        dir.display()
+    );
     let stdin = std::io::stdin();
     loop {
         print!("\n> ");
@@ -75,12 +81,29 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             _ => {}
         }
         history.push(Message::user(line));
-        let conv = Conversation { system: Some(SystemContent::default().with_reasoning_effort(effort)), developer: None, messages: history.clone() };
+        let conv = Conversation {
+            system: Some(SystemContent::default().with_reasoning_effort(effort)),
+            developer: None,
+            messages: history.clone(),
+        };
         let prompt = harmony.render_conversation_for_completion(&conv, &Role::Assistant)?;
-        let stats = run_sequence(backend.as_mut(), &tokenizer, &prompt, a.max_tokens, params.clone(), &a.sampling.stop, true, |p| sink.write(p))?;
+        let stats = run_sequence(
+            backend.as_mut(),
+            &tokenizer,
+            &prompt,
+            a.max_tokens,
+            params.clone(),
+            &a.sampling.stop,
+            true,
+            |p| sink.write(p),
+        )?;
         // Keep the turn in history (the renderer drops its reasoning once a final answer exists).
         history.extend(harmony.parse_completion(&stats.tokens));
-        eprintln!("\n[{} tokens, {:.2} tok/s]", stats.generated_tokens, stats.decode_tps());
+        eprintln!(
+            "\n[{} tokens, {:.2} tok/s]",
+            stats.generated_tokens,
+            stats.decode_tps()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

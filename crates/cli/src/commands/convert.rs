@@ -27,7 +27,10 @@ pub struct Args {
 /// Converts with a progress bar.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let Some(target) = ConvertTarget::parse(&a.to) else {
-        bail!("unknown target \"{}\": expected unsloth-nf4 or fused-bf16", a.to);
+        bail!(
+            "unknown target \"{}\": expected unsloth-nf4 or fused-bf16",
+            a.to
+        );
     };
     let src = Checkpoint::open(&hub::resolve_model(&a.src)?)?;
     let bar = super::bytes_bar(src.total_bytes(), "convert");

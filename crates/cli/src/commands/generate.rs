@@ -3,10 +3,14 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use gptoss_model::harmony::{Conversation, HarmonyEncoding, Message, ReasoningEffort, Role, SystemContent};
+use gptoss_model::harmony::{
+    Conversation, HarmonyEncoding, Message, ReasoningEffort, Role, SystemContent,
+};
 use gptoss_model::tokenizer::Tokenizer;
 
-use crate::generation::{Device, Piece, SamplingArgs, open_backend, resolve_model_or_demo, run_sequence};
+use crate::generation::{
+    Device, Piece, SamplingArgs, open_backend, resolve_model_or_demo, run_sequence,
+};
 
 /// Flags of `generate`.
 #[derive(clap::Args)]
@@ -106,25 +110,44 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let prompt = if a.raw {
         tokenizer.encode(&a.prompt, true)?
     } else {
-        let mut conv = Conversation::new().with_system(SystemContent::default().with_reasoning_effort(effort));
+        let mut conv =
+            Conversation::new().with_system(SystemContent::default().with_reasoning_effort(effort));
         if let Some(i) = &a.instructions {
-            conv = conv.with_developer(gptoss_model::harmony::DeveloperContent::default().with_instructions(i.clone()));
+            conv = conv.with_developer(
+                gptoss_model::harmony::DeveloperContent::default().with_instructions(i.clone()),
+            );
         }
         conv.push(Message::user(a.prompt.clone()));
-        HarmonyEncoding::new(tokenizer.clone()).render_conversation_for_completion(&conv, &Role::Assistant)?
+        HarmonyEncoding::new(tokenizer.clone())
+            .render_conversation_for_completion(&conv, &Role::Assistant)?
     };
     let mut backend = open_backend(&dir, a.device)?;
-    let sink = TerminalSink { hide_reasoning: a.hide_reasoning, color: use_color() };
+    let sink = TerminalSink {
+        hide_reasoning: a.hide_reasoning,
+        color: use_color(),
+    };
     let mut texts: std::collections::BTreeMap<String, String> = Default::default();
-    let stats = run_sequence(backend.as_mut(), &tokenizer, &prompt, a.max_tokens, params, &a.sampling.stop, !a.raw, |p| {
-        if a.json {
-            if let Piece::Text { channel, text } = p {
-                texts.entry(channel.unwrap_or("text").to_string()).or_default().push_str(text);
+    let stats = run_sequence(
+        backend.as_mut(),
+        &tokenizer,
+        &prompt,
+        a.max_tokens,
+        params,
+        &a.sampling.stop,
+        !a.raw,
+        |p| {
+            if a.json {
+                if let Piece::Text { channel, text } = p {
+                    texts
+                        .entry(channel.unwrap_or("text").to_string())
+                        .or_default()
+                        .push_str(text);
+                }
+            } else {
+                sink.write(p)
             }
-        } else {
-            sink.write(p)
-        }
-    })?;
+        },
+    )?;
     if a.json {
         let v = serde_json::json!({
             "backend": backend.name(),

@@ -30,5 +30,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         print!("{}", report.to_text());
         println!("  (read in {secs:.3} s)");
     }
-    Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -29,12 +29,26 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let dir = resolve_model_or_demo(a.model.as_deref())?;
     let mut backend = open_backend(&dir, a.device)?;
     let vocab = backend.config().vocab_size;
-    let step = SeqStep { seq: 0, tokens: a.tokens.clone(), start_pos: 0, want_logits: LogitsWanted::All };
+    let step = SeqStep {
+        seq: 0,
+        tokens: a.tokens.clone(),
+        start_pos: 0,
+        want_logits: LogitsWanted::All,
+    };
     let logits = backend.forward(&StepBatch { steps: vec![step] })?;
     let rows = logits.step(0);
     let bytes: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![a.tokens.len(), vocab], &bytes)?;
-    safetensors::serialize_to_file([("logits", view)], None, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
-    eprintln!("wrote logits [{}, {vocab}] to {}", a.tokens.len(), a.out.display());
+    let view = safetensors::tensor::TensorView::new(
+        safetensors::Dtype::F32,
+        vec![a.tokens.len(), vocab],
+        &bytes,
+    )?;
+    safetensors::serialize_to_file([("logits", view)], None, &a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!(
+        "wrote logits [{}, {vocab}] to {}",
+        a.tokens.len(),
+        a.out.display()
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -44,7 +44,10 @@ pub fn parse_preset(s: &str) -> anyhow::Result<Preset> {
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let preset = parse_preset(&a.preset)?;
     let Some(layout) = SynthLayout::parse(&a.layout) else {
-        bail!("unknown layout \"{}\": expected unsloth-nf4, mxfp4 or bf16", a.layout);
+        bail!(
+            "unknown layout \"{}\": expected unsloth-nf4, mxfp4 or bf16",
+            a.layout
+        );
     };
     let bar = super::bytes_bar(synth::estimated_bytes(preset, layout), "synth");
     let b = bar.clone();

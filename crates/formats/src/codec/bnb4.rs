@@ -208,7 +208,8 @@ impl<'a> Bnb4Tensor<'a> {
             } => {
                 // Two roundings, multiply then add (bnb: dequantize_blockwise, then += offset).
                 // Rust never contracts `a * b + c` into an FMA, so this is exact.
-                let t = f32_at(nested_code, codes[k] as usize) * f32_at(nested_absmax, k / nested_blocksize);
+                let t = f32_at(nested_code, codes[k] as usize)
+                    * f32_at(nested_absmax, k / nested_blocksize);
                 t + offset
             }
         }
@@ -226,7 +227,11 @@ impl<'a> Bnb4Tensor<'a> {
     /// to its output dtype).
     pub fn decode_into(&self, start: usize, dst: &mut [f32]) {
         let end = start + dst.len();
-        assert!(end <= self.numel, "decode range {start}..{end} beyond {} elements", self.numel);
+        assert!(
+            end <= self.numel,
+            "decode range {start}..{end} beyond {} elements",
+            self.numel
+        );
         let mut code = [0f32; 16];
         for (i, c) in code.iter_mut().enumerate() {
             *c = f32_at(self.code, i);
@@ -240,7 +245,11 @@ impl<'a> Bnb4Tensor<'a> {
             let blk_end = ((blk + 1) * bs).min(end);
             while i < blk_end {
                 let byte = self.packed[i / 2];
-                let nib = if i % 2 == 0 { byte >> 4 } else { byte & 0x0F };
+                let nib = if i.is_multiple_of(2) {
+                    byte >> 4
+                } else {
+                    byte & 0x0F
+                };
                 *out.next().unwrap() = code[nib as usize] * scale;
                 i += 1;
             }

@@ -32,9 +32,16 @@ pub struct Mxfp4Matrix<'a> {
 
 impl<'a> Mxfp4Matrix<'a> {
     /// Checks the byte counts against the shape.
-    pub fn new(blocks: &'a [u8], scales: &'a [u8], rows: usize, cols: usize) -> Result<Self, String> {
-        if cols % MXFP4_BLOCK != 0 {
-            return Err(format!("MXFP4 needs the input dim to be a multiple of 32, found {cols}"));
+    pub fn new(
+        blocks: &'a [u8],
+        scales: &'a [u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, String> {
+        if !cols.is_multiple_of(MXFP4_BLOCK) {
+            return Err(format!(
+                "MXFP4 needs the input dim to be a multiple of 32, found {cols}"
+            ));
         }
         if blocks.len() != rows * cols / 2 {
             return Err(format!(
@@ -50,13 +57,21 @@ impl<'a> Mxfp4Matrix<'a> {
                 rows * cols / MXFP4_BLOCK
             ));
         }
-        Ok(Mxfp4Matrix { blocks, scales, rows, cols })
+        Ok(Mxfp4Matrix {
+            blocks,
+            scales,
+            rows,
+            cols,
+        })
     }
 
     /// Decodes row-major elements `[start, start + dst.len())` into `dst` (exact).
     pub fn decode_into(&self, start: usize, dst: &mut [f32]) {
         let end = start + dst.len();
-        assert!(end <= self.rows * self.cols, "decode range beyond the matrix");
+        assert!(
+            end <= self.rows * self.cols,
+            "decode range beyond the matrix"
+        );
         for (o, i) in dst.iter_mut().zip(start..end) {
             let byte = self.blocks[i / 2];
             let nib = if i % 2 == 0 { byte & 0x0F } else { byte >> 4 };
