@@ -263,7 +263,10 @@ mod tests {
         assert_eq!(r.emit, "");
         assert_eq!(r.stopped, stop("ab"));
 
-        assert_eq!(run(&mut StopMatcher::new([], ["ab"]), &["aab"]), ("a".into(), stop("ab")));
+        assert_eq!(
+            run(&mut StopMatcher::new([], ["ab"]), &["aab"]),
+            ("a".into(), stop("ab"))
+        );
     }
 
     #[test]
