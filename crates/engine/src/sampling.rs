@@ -832,7 +832,8 @@ fn sum_lanes(xs: &[f32]) -> f64 {
     acc.iter().map(|&a| a as f64).sum::<f64>() + rest.iter().map(|&x| x as f64).sum::<f64>()
 }
 
-/// `NaN -> -inf`, `+inf -> f32::MAX`, everything else unchanged.
+/// `NaN -> -inf`, `+inf -> f32::MAX`, `-0.0 -> 0.0` (so that the total
+/// order used for ties agrees with `==`), everything else unchanged.
 #[inline]
 fn sanitize(x: f32) -> f32 {
     if x.is_nan() {
@@ -840,7 +841,8 @@ fn sanitize(x: f32) -> f32 {
     } else if x == f32::INFINITY {
         f32::MAX
     } else {
-        x
+        // IEEE: -0.0 + 0.0 == +0.0; every other value is unchanged.
+        x + 0.0
     }
 }
 
@@ -924,6 +926,7 @@ mod tests {
         assert_eq!(sanitize(f32::INFINITY), f32::MAX);
         assert_eq!(sanitize(f32::NEG_INFINITY), f32::NEG_INFINITY);
         assert_eq!(sanitize(1.5), 1.5);
+        assert!(sanitize(-0.0).is_sign_positive());
     }
 
     #[test]
