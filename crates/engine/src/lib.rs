@@ -4,5 +4,9 @@
 
 pub mod backend;
 pub mod cpu;
+pub mod engine;
+pub mod kv_blocks;
+pub mod request;
 pub mod sampling;
+pub mod scheduler;
 pub mod stop;

@@ -1,0 +1,609 @@
+//! Engine and scheduler behaviour over the CPU backend with the tiny random-weight model, and
+//! over small fake backends: continuous batching determinism, chunked prefill, preemption by
+//! recompute, cancellation, stop conditions, `n > 1`, Harmony output, failure isolation.
+
+use std::path::PathBuf;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use gptoss_engine::backend::{Backend, BackendError, Logits, SeqId, StepBatch};
+use gptoss_engine::cpu::CpuBackend;
+use gptoss_engine::engine::{Engine, EngineConfig, EngineHandle};
+use gptoss_engine::kv_blocks::{KvCacheConfig, KvLayout};
+use gptoss_engine::request::{Delta, FinishReason, Request, RequestEvent, TokenKind};
+use gptoss_engine::sampling::SamplingParams;
+use gptoss_engine::scheduler::SchedulerConfig;
+use gptoss_engine::stop::StopReason;
+use gptoss_formats::GptOssConfig;
+use gptoss_formats::synth::{Preset, SynthLayout, synth, synth_config_json};
+use gptoss_formats::writer::WriteOptions;
+use gptoss_model::tokenizer::Tokenizer;
+
+/// The tiny model, written once per test binary.
+fn tiny_dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("gptoss-sched-tiny")
+            .tempdir()
+            .unwrap()
+            .keep();
+        synth(
+            Preset::Tiny,
+            SynthLayout::UnslothNf4,
+            0,
+            &dir,
+            WriteOptions::default(),
+        )
+        .unwrap();
+        dir
+    })
+}
+
+fn tokenizer() -> Tokenizer {
+    static TOK: OnceLock<Tokenizer> = OnceLock::new();
+    TOK.get_or_init(|| Tokenizer::embedded().unwrap()).clone()
+}
+
+fn tiny_config() -> GptOssConfig {
+    let text =
+        serde_json::to_string(&synth_config_json(Preset::Tiny, SynthLayout::UnslothNf4)).unwrap();
+    GptOssConfig::from_json_str(&text).unwrap()
+}
+
+fn engine_config(cfg: &GptOssConfig, full_blocks: usize, sched: SchedulerConfig) -> EngineConfig {
+    let layout = KvLayout::from_config(cfg, 16, 4);
+    EngineConfig {
+        max_model_len: (full_blocks * 16).min(512),
+        scheduler: sched,
+        kv: KvCacheConfig::with_blocks(layout, full_blocks, 64 * 10 + 64),
+    }
+}
+
+fn cpu_engine(full_blocks: usize, sched: SchedulerConfig) -> Engine {
+    let backend = CpuBackend::open(tiny_dir()).unwrap();
+    let cfg = engine_config(&tiny_config(), full_blocks, sched);
+    Engine::start(Box::new(backend), tokenizer(), cfg).unwrap()
+}
+
+fn sched(max_num_seqs: usize, budget: usize, chunk: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        max_num_seqs,
+        max_num_batched_tokens: budget,
+        max_prefill_chunk: chunk,
+    }
+}
+
+/// What one completion produced.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Completion {
+    tokens: Vec<u32>,
+    text: String,
+    reasoning: String,
+    tool_args: String,
+    tool_names: Vec<String>,
+    finish: Option<FinishReason>,
+    stop: Option<StopReason>,
+    completion_tokens: usize,
+}
+
+/// Collects every event of a request: completions by choice, and the usage.
+fn collect(
+    rx: &Receiver<RequestEvent>,
+    n: usize,
+) -> (Vec<Completion>, gptoss_engine::request::Usage) {
+    let mut out = vec![Completion::default(); n];
+    let add = |c: &mut Completion, deltas: Vec<Delta>| {
+        for d in deltas {
+            match d {
+                Delta::Text(s) | Delta::Content(s) => c.text.push_str(&s),
+                Delta::Reasoning(s) => c.reasoning.push_str(&s),
+                Delta::ToolCallStart { name, .. } => c.tool_names.push(name),
+                Delta::ToolCallArguments { arguments, .. } => c.tool_args.push_str(&arguments),
+            }
+        }
+    };
+    loop {
+        match rx.recv_timeout(Duration::from_secs(120)).expect("event") {
+            RequestEvent::Token {
+                choice,
+                token,
+                deltas,
+                ..
+            } => {
+                out[choice].tokens.push(token);
+                add(&mut out[choice], deltas);
+            }
+            RequestEvent::Finished {
+                choice,
+                reason,
+                stop,
+                deltas,
+                completion_tokens,
+            } => {
+                add(&mut out[choice], deltas);
+                out[choice].finish = Some(reason);
+                out[choice].stop = stop;
+                out[choice].completion_tokens = completion_tokens;
+            }
+            RequestEvent::Done { usage } => return (out, usage),
+            RequestEvent::Error { message } => panic!("request failed: {message}"),
+        }
+    }
+}
+
+fn wait_idle(h: &EngineHandle) {
+    let t0 = Instant::now();
+    loop {
+        let s = h.stats();
+        if s.requests_in_flight == 0 && s.kv.total_used() == 0 && s.running == 0 && s.waiting == 0 {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "engine never went idle: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
+    let mut r = Request::new(prompt);
+    r.sampling = SamplingParams::greedy();
+    r.max_tokens = max_tokens;
+    r
+}
+
+fn prompt(seed: u32, len: usize) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| {
+            (seed
+                .wrapping_mul(7919)
+                .wrapping_add(i.wrapping_mul(104_729)))
+                % 199_000
+        })
+        .collect()
+}
+
+#[test]
+fn greedy_is_identical_alone_and_among_sixteen_others() {
+    let engine = cpu_engine(4096, sched(32, 64, 16));
+    let h = engine.handle();
+    // A prompt longer than a prefill chunk.
+    let target = greedy(prompt(1, 40), 24);
+
+    let t0 = Instant::now();
+    let (_, rx) = h.submit_channel(target.clone()).unwrap();
+    let (alone, usage) = collect(&rx, 1);
+    let alone_time = t0.elapsed();
+    assert_eq!(alone[0].tokens.len(), 24);
+    assert_eq!(usage.completion_tokens, 24);
+    assert_eq!(usage.prompt_tokens, 40);
+    wait_idle(&h);
+
+    // Again, with 16 others joining and leaving at different steps: 8 before it (different
+    // prompt lengths, some sampled), 8 more while it runs, each with its own max_tokens.
+    let t1 = Instant::now();
+    let mut others = Vec::new();
+    for i in 0..8u32 {
+        let mut r = greedy(prompt(100 + i, 5 + 9 * i as usize), 3 + 4 * i as usize);
+        if i % 2 == 1 {
+            r.sampling = SamplingParams {
+                temperature: 0.9,
+                seed: Some(i as u64),
+                ..Default::default()
+            };
+        }
+        others.push(h.submit_channel(r).unwrap().1);
+    }
+    let (_, rx) = h.submit_channel(target.clone()).unwrap();
+    // Join the rest after the target has produced some tokens, one by one.
+    let mut mixed = Vec::new();
+    let mut late = 0u32;
+    let mut first_deltas = Vec::new();
+    while late < 8 {
+        match rx.recv_timeout(Duration::from_secs(60)).unwrap() {
+            RequestEvent::Token { token, .. } => {
+                mixed.push(token);
+                if mixed.len() % 2 == 0 {
+                    let r = greedy(
+                        prompt(200 + late, 3 + 13 * late as usize),
+                        2 + 3 * late as usize,
+                    );
+                    others.push(h.submit_channel(r).unwrap().1);
+                    late += 1;
+                }
+            }
+            other => first_deltas.push(other),
+        }
+    }
+    let (rest, _) = collect(&rx, 1);
+    mixed.extend(rest[0].tokens.iter());
+    assert_eq!(mixed, alone[0].tokens, "greedy tokens changed when batched");
+    for rx in &others {
+        let (c, _) = collect(rx, 1);
+        assert!(!c[0].tokens.is_empty());
+    }
+    let mixed_time = t1.elapsed();
+    wait_idle(&h);
+    let s = h.stats();
+    assert_eq!(s.requests_finished, 18);
+    eprintln!(
+        "alone: {alone_time:?}; with 16 others: {mixed_time:?}; steps {}; ttft p50 {:.3}s",
+        s.steps_total,
+        s.time_to_first_token.quantile(0.5)
+    );
+}
+
+#[test]
+fn preemption_recomputes_identically_and_frees_everything() {
+    // Reference outputs: all at once with plenty of blocks (batching does not change greedy
+    // tokens, see above), so no preemption.
+    let prompts: Vec<Vec<u32>> = (0..6)
+        .map(|i| prompt(300 + i, 20 + 7 * i as usize))
+        .collect();
+    let reference: Vec<Vec<u32>> = {
+        let engine = cpu_engine(4096, sched(8, 256, 256));
+        let h = engine.handle();
+        let rxs: Vec<_> = prompts
+            .iter()
+            .map(|p| h.submit_channel(greedy(p.clone(), 30)).unwrap().1)
+            .collect();
+        let out = rxs
+            .iter()
+            .map(|rx| collect(rx, 1).0[0].tokens.clone())
+            .collect();
+        assert_eq!(h.stats().preemptions_total, 0);
+        out
+    };
+    // Now all at once with only 16 full blocks (256 tokens) for 6 sequences growing to 50-85
+    // tokens: admission control queues some and decodes run out of blocks, forcing
+    // preemptions.
+    let engine = cpu_engine(16, sched(8, 64, 32));
+    let h = engine.handle();
+    let rxs: Vec<_> = prompts
+        .iter()
+        .map(|p| h.submit_channel(greedy(p.clone(), 30)).unwrap().1)
+        .collect();
+    for (rx, want) in rxs.iter().zip(&reference) {
+        let (c, usage) = collect(rx, 1);
+        assert_eq!(&c[0].tokens, want);
+        assert_eq!(usage.completion_tokens, 30);
+    }
+    wait_idle(&h);
+    let s = h.stats();
+    assert!(s.preemptions_total > 0, "expected preemptions: {s:?}");
+    assert_eq!(s.kv.total_used(), 0);
+}
+
+#[test]
+fn cancellation_and_departed_clients_free_blocks_at_once() {
+    let engine = cpu_engine(4096, sched(16, 64, 16));
+    let h = engine.handle();
+    let (id, rx) = h.submit_channel(greedy(prompt(7, 30), 400)).unwrap();
+    // Wait until it generates, then cancel.
+    assert!(matches!(
+        rx.recv_timeout(Duration::from_secs(30)).unwrap(),
+        RequestEvent::Token { .. }
+    ));
+    assert!(h.stats().kv.total_used() > 0);
+    h.cancel(id);
+    wait_idle(&h);
+    // A client that drops its receiver: noticed at its next token.
+    let (_, rx) = h.submit_channel(greedy(prompt(8, 30), 400)).unwrap();
+    assert!(matches!(
+        rx.recv_timeout(Duration::from_secs(30)).unwrap(),
+        RequestEvent::Token { .. }
+    ));
+    drop(rx);
+    wait_idle(&h);
+    let s = h.stats();
+    assert_eq!(s.requests_cancelled, 2);
+    assert_eq!(s.kv.total_used(), 0);
+    // The engine still serves.
+    let (_, rx) = h.submit_channel(greedy(prompt(9, 5), 3)).unwrap();
+    assert_eq!(collect(&rx, 1).0[0].tokens.len(), 3);
+}
+
+#[test]
+fn n_completions_share_a_prompt_and_follow_their_seeds() {
+    let engine = cpu_engine(4096, sched(16, 128, 64));
+    let h = engine.handle();
+    let p = prompt(11, 12);
+    let mut r = Request::new(p.clone());
+    r.sampling = SamplingParams {
+        temperature: 1.0,
+        seed: Some(42),
+        logprobs: Some(3),
+        ..Default::default()
+    };
+    r.max_tokens = 8;
+    r.n = 3;
+    let (_, rx) = h.submit_channel(r.clone()).unwrap();
+    let (choices, usage) = collect(&rx, 3);
+    assert_eq!(
+        usage.completion_tokens,
+        choices.iter().map(|c| c.tokens.len()).sum::<usize>()
+    );
+    assert_eq!(usage.prompt_tokens, 12);
+    for (i, c) in choices.iter().enumerate() {
+        let mut one = r.clone();
+        one.n = 1;
+        one.sampling.seed = Some(42 + i as u64);
+        let (_, rx) = h.submit_channel(one).unwrap();
+        let (alone, _) = collect(&rx, 1);
+        assert_eq!(alone[0].tokens, c.tokens, "choice {i}");
+        assert_eq!(c.completion_tokens, c.tokens.len());
+    }
+}
+
+#[test]
+fn stop_strings_stop_tokens_and_length() {
+    let engine = cpu_engine(4096, sched(16, 128, 64));
+    let h = engine.handle();
+    let tok = tokenizer();
+    // Find what the model says greedily, then stop on a piece of it.
+    let (_, rx) = h.submit_channel(greedy(prompt(21, 10), 12)).unwrap();
+    let (base, _) = collect(&rx, 1);
+    assert_eq!(base[0].finish, Some(FinishReason::Length));
+    let text = &base[0].text;
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() > 6, "{text:?}");
+    let stop: String = chars[3..6].iter().collect();
+    let mut r = greedy(prompt(21, 10), 12);
+    r.stop = vec![stop.clone()];
+    let (_, rx) = h.submit_channel(r).unwrap();
+    let (c, usage) = collect(&rx, 1);
+    assert_eq!(c[0].finish, Some(FinishReason::Stop));
+    assert_eq!(c[0].stop, Some(StopReason::String(stop.clone())));
+    let cut = text.find(&stop).unwrap();
+    assert_eq!(c[0].text, text[..cut]);
+    assert_eq!(usage.completion_tokens, c[0].tokens.len());
+    assert!(c[0].tokens.len() < 12);
+
+    // A stop token: the third generated token.
+    let third = base[0].tokens[2];
+    let mut r = greedy(prompt(21, 10), 12);
+    r.stop_token_ids = vec![third];
+    let (_, rx) = h.submit_channel(r).unwrap();
+    let (c, _) = collect(&rx, 1);
+    let first = base[0].tokens.iter().position(|&t| t == third).unwrap();
+    assert_eq!(c[0].tokens.len(), first + 1);
+    assert_eq!(c[0].stop, Some(StopReason::Token(third)));
+    assert_eq!(c[0].text, tok.decode(&base[0].tokens[..first]));
+
+    // Context length: prompt 500 of max_model_len 512 → at most 12 tokens.
+    let (_, rx) = h.submit_channel(greedy(prompt(22, 500), 100)).unwrap();
+    let (c, _) = collect(&rx, 1);
+    assert_eq!(c[0].tokens.len(), 12);
+    assert_eq!(c[0].finish, Some(FinishReason::Length));
+
+    // Bad requests are refused up front.
+    assert!(h.submit_channel(greedy(prompt(23, 512), 1)).is_err());
+    assert!(h.submit_channel(greedy(Vec::new(), 1)).is_err());
+    assert!(h.submit_channel(greedy(vec![300_000], 1)).is_err());
+    assert!(h.submit_channel(greedy(vec![1], 0)).is_err());
+    let mut r = greedy(vec![1], 1);
+    r.sampling.temperature = 3.0;
+    assert!(h.submit_channel(r).is_err());
+}
+
+// ---- Fake backends ----------------------------------------------------------------------------
+
+/// A backend that emits a fixed continuation after the prompt (the scripted tokens, then
+/// `<|return|>` forever), checks the position contract, and fails any step containing
+/// `poison`.
+struct Scripted {
+    cfg: GptOssConfig,
+    script: Vec<u32>,
+    prompt_len: usize,
+    seqs: std::collections::HashMap<SeqId, usize>,
+    poison: u32,
+    live: Arc<Mutex<usize>>,
+}
+
+impl Backend for Scripted {
+    fn name(&self) -> &str {
+        "scripted"
+    }
+    fn config(&self) -> &GptOssConfig {
+        &self.cfg
+    }
+    fn forward(&mut self, batch: &StepBatch) -> Result<Logits, BackendError> {
+        for s in &batch.steps {
+            let have = self.seqs.get(&s.seq).copied().unwrap_or(0);
+            if have != s.start_pos {
+                return Err(BackendError::PositionMismatch {
+                    seq: s.seq,
+                    start_pos: s.start_pos,
+                    cached: have,
+                });
+            }
+            if s.tokens.contains(&self.poison) {
+                return Err(BackendError::InvalidInput("poisoned".into()));
+            }
+        }
+        let vocab = self.cfg.vocab_size;
+        let mut rows = Vec::new();
+        for s in &batch.steps {
+            let len = s.start_pos + s.tokens.len();
+            self.seqs.insert(s.seq, len);
+            let k = len - self.prompt_len.min(len);
+            let next = self.script.get(k).copied().unwrap_or(200_002);
+            let mut row = vec![0.0f32; vocab];
+            row[next as usize] = 30.0;
+            rows.push(row);
+        }
+        *self.live.lock().unwrap() = self.seqs.len();
+        Ok(Logits::new(vocab, rows))
+    }
+    fn release(&mut self, seq: SeqId) {
+        self.seqs.remove(&seq);
+        *self.live.lock().unwrap() = self.seqs.len();
+    }
+    fn max_batch_tokens(&self) -> usize {
+        4096
+    }
+}
+
+fn scripted_engine(
+    script: Vec<u32>,
+    prompt_len: usize,
+    poison: u32,
+) -> (Engine, Arc<Mutex<usize>>) {
+    let live = Arc::new(Mutex::new(0));
+    let cfg = tiny_config();
+    let backend = Scripted {
+        cfg: cfg.clone(),
+        script,
+        prompt_len,
+        seqs: Default::default(),
+        poison,
+        live: Arc::clone(&live),
+    };
+    let ec = engine_config(&cfg, 1024, sched(16, 256, 64));
+    (
+        Engine::start(Box::new(backend), tokenizer(), ec).unwrap(),
+        live,
+    )
+}
+
+fn harmony_tokens(text_pieces: &[&str]) -> Vec<u32> {
+    // Pieces starting with "<|" are special tokens, the rest ordinary text.
+    let tok = tokenizer();
+    let mut out = Vec::new();
+    for p in text_pieces {
+        if p.starts_with("<|") {
+            out.push(tok.token_to_id(p).unwrap());
+        } else {
+            out.extend(tok.encode_ordinary(p).unwrap());
+        }
+    }
+    out
+}
+
+#[test]
+fn harmony_output_splits_reasoning_content_and_tool_calls() {
+    let script = harmony_tokens(&[
+        "<|channel|>",
+        "analysis",
+        "<|message|>",
+        "Think first.",
+        "<|end|>",
+        "<|start|>",
+        "assistant",
+        "<|channel|>",
+        "final",
+        "<|message|>",
+        "The answer is 4. STOP here",
+        "<|return|>",
+    ]);
+    let (engine, live) = scripted_engine(script.clone(), 5, u32::MAX);
+    let h = engine.handle();
+    let mut r = Request::chat(vec![1, 2, 3, 4, 5]);
+    r.sampling = SamplingParams::greedy();
+    r.max_tokens = 100;
+    r.sampling.logprobs = Some(0);
+    let (_, rx) = h.submit_channel(r.clone()).unwrap();
+    let mut kinds = Vec::new();
+    let mut events = Vec::new();
+    loop {
+        let ev = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        if let RequestEvent::Token { kind, logprob, .. } = &ev {
+            kinds.push(*kind);
+            assert!(logprob.is_some());
+        }
+        let done = matches!(ev, RequestEvent::Done { .. });
+        events.push(ev);
+        if done {
+            break;
+        }
+    }
+    assert!(kinds.contains(&TokenKind::Reasoning));
+    assert!(kinds.contains(&TokenKind::Content));
+    assert!(kinds.contains(&TokenKind::Control));
+    let (tx, rx2) = std::sync::mpsc::channel();
+    for e in events {
+        tx.send(e).unwrap();
+    }
+    let (c, usage) = collect(&rx2, 1);
+    assert_eq!(c[0].reasoning, "Think first.");
+    assert_eq!(c[0].text, "The answer is 4. STOP here");
+    assert_eq!(c[0].finish, Some(FinishReason::Stop));
+    assert_eq!(usage.completion_tokens, script.len());
+
+    // Stop strings apply to the content only ("first" is in the reasoning).
+    r.stop = vec!["first".into(), " STOP".into()];
+    let (_, rx) = h.submit_channel(r).unwrap();
+    let (c, _) = collect(&rx, 1);
+    assert_eq!(c[0].reasoning, "Think first.");
+    assert_eq!(c[0].text, "The answer is 4.");
+    assert_eq!(c[0].stop, Some(StopReason::String(" STOP".into())));
+    wait_idle(&h);
+    assert_eq!(*live.lock().unwrap(), 0, "backend caches released");
+
+    // A tool call.
+    let script = harmony_tokens(&[
+        "<|channel|>",
+        "commentary to=functions.get_weather ",
+        "<|constrain|>",
+        "json",
+        "<|message|>",
+        "{\"city\": \"Paris\"}",
+        "<|call|>",
+    ]);
+    let (engine, _) = scripted_engine(script, 3, u32::MAX);
+    let mut r = Request::chat(vec![1, 2, 3]);
+    r.max_tokens = 100;
+    let (_, rx) = engine.handle().submit_channel(r).unwrap();
+    let (c, _) = collect(&rx, 1);
+    assert_eq!(c[0].tool_names, ["get_weather"]);
+    assert_eq!(c[0].tool_args, "{\"city\": \"Paris\"}");
+    assert_eq!(c[0].finish, Some(FinishReason::ToolCalls));
+    assert_eq!(c[0].text, "");
+}
+
+#[test]
+fn a_failing_sequence_does_not_disturb_the_others() {
+    let (engine, live) = scripted_engine(vec![10, 11, 12, 13, 14, 15, 16, 17], 3, 999);
+    let h = engine.handle();
+    let mut good = Vec::new();
+    for _ in 0..4 {
+        let mut r = Request::new(vec![1, 2, 3]);
+        r.max_tokens = 8;
+        good.push(h.submit_channel(r).unwrap().1);
+    }
+    let mut bad = Request::new(vec![1, 999, 3]);
+    bad.max_tokens = 8;
+    let (_, bad_rx) = h.submit_channel(bad).unwrap();
+    match bad_rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+        RequestEvent::Error { message } => assert!(message.contains("poisoned"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    for rx in &good {
+        let (c, _) = collect(rx, 1);
+        assert_eq!(c[0].tokens, [10, 11, 12, 13, 14, 15, 16, 17]);
+    }
+    wait_idle(&h);
+    assert_eq!(*live.lock().unwrap(), 0);
+    assert_eq!(h.stats().requests_failed, 1);
+}
+
+#[test]
+fn shutdown_ends_requests_in_flight() {
+    let (engine, _) = scripted_engine(vec![10; 10_000], 3, u32::MAX);
+    let h = engine.handle();
+    let mut r = Request::new(vec![1, 2, 3]);
+    r.max_tokens = 400;
+    let (_, rx) = h.submit_channel(r).unwrap();
+    assert!(matches!(
+        rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+        RequestEvent::Token { .. }
+    ));
+    engine.shutdown();
+    let last = rx.iter().last();
+    assert!(matches!(last, Some(RequestEvent::Error { .. })), "{last:?}");
+    assert!(!h.is_running());
+    assert!(h.submit_channel(Request::new(vec![1])).is_err());
+}
