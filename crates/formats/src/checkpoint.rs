@@ -63,9 +63,10 @@ impl DType {
     }
 }
 
-impl std::fmt::Display for DType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = match self {
+impl DType {
+    /// The name safetensors headers use (`"BF16"`, `"U8"`, …); `None` for [`DType::Other`].
+    pub fn safetensors_name(self) -> Option<&'static str> {
+        Some(match self {
             DType::BF16 => "BF16",
             DType::F16 => "F16",
             DType::F32 => "F32",
@@ -76,9 +77,14 @@ impl std::fmt::Display for DType {
             DType::I32 => "I32",
             DType::I64 => "I64",
             DType::Bool => "BOOL",
-            DType::Other => "(other)",
-        };
-        f.write_str(s)
+            DType::Other => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.safetensors_name().unwrap_or("(other)"))
     }
 }
 

@@ -652,8 +652,8 @@ impl<'a> Mapper<'a> {
         let router = self.linear(&router_prefix, c.num_local_experts, h, true);
         let experts = match layout? {
             Layout::UnslothSplit => self.split_experts(&p),
-            Layout::FusedDense | Layout::FusedBnb => self.fused_experts(&p),
-            Layout::Mxfp4 => self.mxfp4_experts(&p),
+            Layout::FusedDense | Layout::FusedBnb => self.stacked_experts(&p, Mapper::fused_stack),
+            Layout::Mxfp4 => self.stacked_experts(&p, Mapper::mxfp4_stack),
         };
         Some(LayerWeights {
             input_norm: input_norm?,
@@ -756,12 +756,14 @@ impl<'a> Mapper<'a> {
         )
     }
 
-    fn fused_experts(&self, p: &str) -> Option<Vec<Expert<'a>>> {
+    /// Experts stored as stacks (`gate_up_proj…`, `down_proj…` with `[E, n]` biases), read
+    /// through `stack` (dense/bnb fused, or MXFP4 blocks and scales).
+    fn stacked_experts(&self, p: &str, stack: StackReader<'a>) -> Option<Vec<Expert<'a>>> {
         let c = self.cfg;
         let (h, i) = (c.hidden_size, c.intermediate_size);
-        let gu = self.fused_stack(&format!("{p}.mlp.experts.gate_up_proj"), 2 * i, h);
+        let gu = stack(self, &format!("{p}.mlp.experts.gate_up_proj"), 2 * i, h);
         let gub = self.stacked_bias(&format!("{p}.mlp.experts.gate_up_proj_bias"), 2 * i);
-        let dn = self.fused_stack(&format!("{p}.mlp.experts.down_proj"), h, i);
+        let dn = stack(self, &format!("{p}.mlp.experts.down_proj"), h, i);
         let dnb = self.stacked_bias(&format!("{p}.mlp.experts.down_proj_bias"), h);
         Some(zip_experts(gu?, gub?, dn?, dnb?))
     }
@@ -806,17 +808,10 @@ impl<'a> Mapper<'a> {
         }
         Some(out)
     }
-
-    fn mxfp4_experts(&self, p: &str) -> Option<Vec<Expert<'a>>> {
-        let c = self.cfg;
-        let (h, i) = (c.hidden_size, c.intermediate_size);
-        let gu = self.mxfp4_stack(&format!("{p}.mlp.experts.gate_up_proj"), 2 * i, h);
-        let gub = self.stacked_bias(&format!("{p}.mlp.experts.gate_up_proj_bias"), 2 * i);
-        let dn = self.mxfp4_stack(&format!("{p}.mlp.experts.down_proj"), h, i);
-        let dnb = self.stacked_bias(&format!("{p}.mlp.experts.down_proj_bias"), h);
-        Some(zip_experts(gu?, gub?, dn?, dnb?))
-    }
 }
+
+/// Reads one expert stack into per-expert matrices (`name`, logical rows, cols).
+type StackReader<'a> = fn(&Mapper<'a>, &str, usize, usize) -> Option<Vec<Matrix<'a>>>;
 
 fn zip_experts<'a>(
     gu: Vec<Matrix<'a>>,

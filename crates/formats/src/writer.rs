@@ -124,23 +124,8 @@ pub struct WriteSummary {
 }
 
 fn dtype_name(d: DType) -> Result<&'static str> {
-    Ok(match d {
-        DType::BF16 => "BF16",
-        DType::F16 => "F16",
-        DType::F32 => "F32",
-        DType::F64 => "F64",
-        DType::U8 => "U8",
-        DType::I8 => "I8",
-        DType::I16 => "I16",
-        DType::I32 => "I32",
-        DType::I64 => "I64",
-        DType::Bool => "BOOL",
-        DType::Other => {
-            return Err(FormatError::Invalid(
-                "cannot write a tensor of unknown dtype".into(),
-            ));
-        }
-    })
+    d.safetensors_name()
+        .ok_or_else(|| FormatError::Invalid("cannot write a tensor of unknown dtype".into()))
 }
 
 /// One safetensors file being streamed: header space reserved up front, written at the end.
