@@ -88,6 +88,14 @@ impl std::fmt::Display for DType {
     }
 }
 
+/// How the mapped shards are about to be read (see [`Checkpoint::advise`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Sparse,
+    Sequential,
+    Normal,
+}
+
 /// One tensor of a checkpoint: its metadata and its bytes in the mapped shard.
 #[derive(Debug, Clone, Copy)]
 pub struct TensorRef<'a> {
@@ -279,6 +287,21 @@ impl Checkpoint {
         self.tensors
             .keys()
             .map(|n| self.get(n).expect("listed tensor"))
+    }
+
+    /// Tells the kernel how the mapped shards will be read next: [`Access::Sparse`] turns off
+    /// read-around (each page fault reads one page, for scattered small reads such as the
+    /// quant-state JSONs), [`Access::Sequential`] asks for aggressive read-ahead (uploading all
+    /// weights). Advice only; errors are ignored.
+    pub fn advise(&self, access: Access) {
+        let advice = match access {
+            Access::Sparse => memmap2::Advice::Random,
+            Access::Sequential => memmap2::Advice::Sequential,
+            Access::Normal => memmap2::Advice::Normal,
+        };
+        for s in &self.shards {
+            let _ = s.map.advise(advice);
+        }
     }
 
     /// Sum of all tensor data bytes.

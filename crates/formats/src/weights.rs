@@ -279,7 +279,9 @@ pub struct ProbeReport<'a> {
 
 /// Detects the layout from tensor names and maps every tensor, collecting all problems.
 pub fn probe(ckpt: &Checkpoint) -> ProbeReport<'_> {
+    ckpt.advise(crate::checkpoint::Access::Sparse);
     prefetch_quant_states(ckpt);
+    ckpt.advise(crate::checkpoint::Access::Normal);
     let m = Mapper {
         ckpt,
         cfg: ckpt.config(),
@@ -316,7 +318,8 @@ pub fn probe(ckpt: &Checkpoint) -> ProbeReport<'_> {
 
 /// Reads every quant-state JSON in parallel before the (sequential) probe parses them. They are
 /// small but scattered through the shards: on a cold page cache, reading 1,536 of them one fault
-/// at a time took 5.6 s for 20b; in parallel the faults overlap.
+/// at a time (each fault reading around the page) took 5.6 s for 20b; in parallel, with
+/// read-around off, the faults are small and overlap.
 fn prefetch_quant_states(ckpt: &Checkpoint) {
     // I/O-bound: more threads than cores keeps more reads in flight.
     const THREADS: usize = 32;
