@@ -23,6 +23,7 @@ pub mod linear;
 pub mod model;
 pub mod moe;
 pub mod rope;
+pub mod sharded;
 #[doc(hidden)]
 pub mod testing;
 
