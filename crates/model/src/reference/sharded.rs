@@ -42,9 +42,9 @@
 //!   shorter): each rank computes its slice of the logits, an all-gather concatenates them.
 //!   Every collective buffer has the same length on every rank (the last slice is padded with
 //!   zeros to `⌈V/world⌉` and trimmed after), as `ncclAllGather` requires.
-//! - **Replicated**: embeddings (a row lookup; a vocab-parallel embedding would save
-//!   `V·H·2` bytes per rank at the cost of one more all-reduce), the norms, sinks of other ranks
-//!   are not needed, the router, the final norm.
+//! - **Replicated**: the embeddings (a row lookup; a vocab-parallel embedding would save
+//!   `V·H·2` bytes per rank at the cost of one more all-reduce), the norms, the router and the
+//!   final norm. Of the sinks, a rank needs only its query heads'.
 //!
 //! ## What one rank loads ("each GPU loads only its shard straight from the safetensors")
 //!
@@ -63,9 +63,12 @@
 //! | `layers.L.mlp.router(.linear).weight` / `.bias` | `[E, H]` / `[E]` | all |
 //! | experts: Unsloth `mlp.experts.gate_up_projs.{e}.*`, `down_projs.{e}.*` | per expert | `e` in [`experts`](ShardPlan::experts) (whole tensors with their quant state) |
 //! | experts: fused `gate_up_proj` `[E, H, 2I]`, `down_proj` `[E, I, H]`, `*_bias` `[E, ·]` | stacks | index range `experts` along dim 0 (contiguous bytes) |
-//! | experts: MXFP4 `*_blocks` `[E, rows, G, 16]`, `*_scales` `[E, rows, G]`, biases | stacks | index range `experts` along dim 0 |
+//! | experts: MXFP4 `*_blocks` `[E, rows, cols/32, 16]`, `*_scales` `[E, rows, cols/32]`, biases | stacks | index range `experts` along dim 0 |
 //! | `model.norm.weight` | `[H]` | all |
 //! | `lm_head.weight` | `[V, H]` | rows [`vocab`](ShardPlan::vocab) |
+//!
+//! (OpenAI's `original/` files, not read by this loader, fuse q/k/v into `attn.qkv` `[5120, 2880]`:
+//! there a rank needs rows `q_rows`, `4096 + kv_rows` and `4608 + kv_rows`.)
 //!
 //! For gpt-oss-120b at world 8: 8 query heads (512 q rows), 1 kv head (64 k/v rows), 512 o_proj
 //! columns, 16 of 128 experts, 25,136 of 201,088 vocab rows; 20b: 4 of 32 experts.
@@ -101,8 +104,9 @@
 //!
 //! ## Collectives
 //!
-//! [`Communicator`] is the seam: [`LocalCommunicator`] for threads in one process (tests, the
-//! CPU [`ShardedReference`] backend), an NCCL communicator for GPUs. Contract: every rank calls
+//! [`Communicator`] is the seam: [`LocalCommunicator`] for threads in one process (tests and
+//! the engine's tensor-parallel CPU backend), [`SingleRank`] for a group of one, an NCCL
+//! communicator for GPUs. Contract: every rank calls
 //! the same collectives in the same order with buffers of the same length; all ranks receive
 //! bitwise identical results (an NCCL ring all-reduce does: each chunk is reduced once and then
 //! broadcast). That equality is what keeps the replicated residual stream, and therefore the
