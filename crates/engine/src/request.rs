@@ -239,6 +239,8 @@ pub struct OutputProcessor {
     tool_calls: usize,
     skip_special: bool,
     finished: bool,
+    /// Deltas from the forced prefix, not yet reported.
+    initial: Vec<Delta>,
 }
 
 /// A fresh tool-call id: `call_` and 24 random alphanumerics.
@@ -271,18 +273,19 @@ impl OutputProcessor {
             tool_calls: 0,
             skip_special: req.skip_special_tokens,
             finished: false,
+            initial: Vec::new(),
         };
-        // The forced prefix is part of the completion's structure, not of its text.
+        // The forced prefix is part of the completion's structure (e.g. a tool call's header):
+        // what it starts is reported with the first generated token.
         if let Some(parser) = &mut p.parser {
             for &t in &req.forced_prefix {
                 let events = parser.push(t);
-                let mut sink = Vec::new();
                 let _ = p_apply(
                     &mut p.msg,
                     &mut p.tool_calls,
                     &mut p.matcher,
                     events,
-                    &mut sink,
+                    &mut p.initial,
                 );
             }
         }
@@ -305,7 +308,7 @@ impl OutputProcessor {
         }
         let is_stop = self.matcher.is_stop_token(token);
         let special = self.tokenizer.is_special(token);
-        let mut deltas = Vec::new();
+        let mut deltas = std::mem::take(&mut self.initial);
         let mut finish = None;
         let kind;
         match self.mode {
@@ -389,7 +392,7 @@ impl OutputProcessor {
             return Vec::new();
         }
         self.finished = true;
-        let mut deltas = Vec::new();
+        let mut deltas = std::mem::take(&mut self.initial);
         match self.mode {
             OutputMode::Text => {
                 let mut rest = self.matcher.push(&self.decoder.flush()).emit;
