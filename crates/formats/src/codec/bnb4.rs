@@ -70,6 +70,18 @@ impl QuantStateJson {
         if s.shape.is_empty() {
             return Err("quant-state JSON has an empty shape".into());
         }
+        // `numel` multiplies the dims: refuse shapes whose element count does not fit in usize
+        // (found by the quant_state fuzz target).
+        if s.shape
+            .iter()
+            .try_fold(1usize, |acc, d| acc.checked_mul(*d))
+            .is_none()
+        {
+            return Err(format!(
+                "quant-state JSON shape {:?} has more elements than can be addressed",
+                s.shape
+            ));
+        }
         if s.nested_blocksize == Some(0) {
             return Err("quant-state JSON has nested_blocksize 0".into());
         }
@@ -162,6 +174,9 @@ impl<'a> Bnb4Tensor<'a> {
                 nested_blocksize,
                 ..
             } => {
+                if nested_blocksize == 0 {
+                    return Err("nested_blocksize is 0".into());
+                }
                 if codes.len() != nblk {
                     return Err(format!(
                         "absmax has {} entries, expected ceil({n}/{}) = {nblk}",
@@ -261,5 +276,36 @@ impl<'a> Bnb4Tensor<'a> {
         let mut out = vec![0f32; self.numel];
         self.decode_into(0, &mut out);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_shapes_that_overflow() {
+        // fuzz finding: the product of the dims overflowed usize and panicked in `numel`
+        let json = br#"{"quant_type":"nf4","blocksize":64,"shape":[4294967296,4294967296]}"#;
+        let err = QuantStateJson::parse(json).unwrap_err();
+        assert!(err.contains("more elements than can be addressed"), "{err}");
+    }
+
+    #[test]
+    fn rejects_zero_nested_blocksize_without_panicking() {
+        let state = QuantStateJson::parse(br#"{"quant_type":"nf4","blocksize":64,"shape":[1,64]}"#)
+            .unwrap();
+        let code = [0u8; 64];
+        let nested_code = [0u8; 1024];
+        let absmax = Absmax::Nested {
+            codes: &[0u8],
+            nested_absmax: &[0u8; 4],
+            nested_code: &nested_code,
+            nested_blocksize: 0,
+            offset: 0.0,
+        };
+        let packed = [0u8; 32];
+        let err = Bnb4Tensor::new(Bnb4Kind::Nf4, &state, &packed, &code, absmax).unwrap_err();
+        assert!(err.contains("nested_blocksize"), "{err}");
     }
 }
