@@ -1,0 +1,133 @@
+// Attention over the bf16 KV cache with GQA, learned sinks and the sliding window
+// (spec model.md §2.2), for decode (T = 1) and prefill chunks (T <= MAXT queries whose keys were
+// already written to the cache by k_qkv).
+//
+// k_attn  grid (nkv, smax, T), block 256 (8 warps; warp w = query head g*G + w of KV head g,
+//         G = nh/nkv <= 8), static smem ~27 KB.
+//   Data: q [T, nh*64] f32 (already rotated); cache K/V bf16 [slot][nkv*64] with slot = j
+//         (full layers) or j % ring (sliding layers); sinks f32 [nh]; out [T, nh*64] f32.
+//   Query t at position p sees keys j in [lo, p], lo = max(0, p - window + 1) on sliding layers
+//   (128 keys including itself), 0 otherwise. The keys are split into `active` chunks of
+//   `chunk` keys (chunk = max(64, ceil(n/smax) rounded up to 64)); block (g, s, t) runs an online
+//   softmax over chunk s in tiles of 64 keys (K/V tiles staged in shared memory; lane l scores
+//   keys l and l+32 of a tile, then accumulates dims 2l, 2l+1 of the output) and writes the
+//   partial (max, sum, unnormalised o[64]) of each of its heads. The last block of (t, g) to
+//   finish (atomic counter, reset afterwards) combines the partials in split order with the sink
+//   logit (in the max and the denominator only, not scaled): deterministic, one pass over K/V.
+
+#include "common.cuh"
+
+#define TILE 64
+#define PART 66  // floats per partial: m, l, o[64]
+
+extern "C" __global__ void __launch_bounds__(256) k_attn(const LayerDev* L, const StepParams* sp, int layer, const float* q,
+                                       float* out, float* part, unsigned* counters, int nh, int nkv, int smax) {
+    __shared__ unsigned Ks[TILE * 33];  // bf16 pairs, rows padded to 33 words
+    __shared__ uint4 Vs4[TILE * 8];     // bf16 [64 keys][64 dims]
+    __shared__ float qs[WARPS][HEAD_DIM];
+    __shared__ int last_s;
+    const unsigned* Vs = reinterpret_cast<const unsigned*>(Vs4);
+
+    const int g = blockIdx.x, s = blockIdx.y, t = blockIdx.z;
+    if (t >= sp->T) return;
+    const int G = nh / nkv;
+    const int p = sp->pos0 + t;
+    const int window = L->window, ring = L->ring;
+    const int lo = window > 0 ? max(0, p - window + 1) : 0;
+    const int nkeys = p - lo + 1;
+    int chunk = (nkeys + smax - 1) / smax;
+    chunk = max(TILE, (chunk + TILE - 1) / TILE * TILE);
+    const int active = (nkeys + chunk - 1) / chunk;
+    if (s >= active) return;
+    const int kb = lo + s * chunk;
+    const int ke = min(kb + chunk, p + 1);
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int kvd = nkv * HEAD_DIM;
+    const unsigned short* kc = reinterpret_cast<const unsigned short*>(sp->kc[layer]);
+    const unsigned short* vc = reinterpret_cast<const unsigned short*>(sp->vc[layer]);
+    const bool hw = warp < G;
+    const int hq = g * G + warp;
+    if (hw) {
+        // 1/sqrt(64) = 0.125 folded into q (a power of two: exact).
+        qs[warp][lane] = q[(size_t)t * nh * HEAD_DIM + hq * HEAD_DIM + lane] * 0.125f;
+        qs[warp][lane + 32] = q[(size_t)t * nh * HEAD_DIM + hq * HEAD_DIM + lane + 32] * 0.125f;
+    }
+    float m_run = -INFINITY, l_run = 0.f, o0 = 0.f, o1 = 0.f;
+    for (int ts = kb; ts < ke; ts += TILE) {
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < TILE * 8; idx += blockDim.x) {
+            int jj = idx >> 3, part8 = idx & 7;
+            int j = ts + jj;
+            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+            if (j < ke) {
+                size_t slot = ring ? (size_t)(j % ring) : (size_t)j;
+                size_t off = slot * kvd + g * HEAD_DIM + part8 * 8;
+                kv = *reinterpret_cast<const uint4*>(kc + off);
+                vv = *reinterpret_cast<const uint4*>(vc + off);
+            }
+            unsigned* kr = Ks + jj * 33 + part8 * 4;
+            kr[0] = kv.x; kr[1] = kv.y; kr[2] = kv.z; kr[3] = kv.w;
+            Vs4[jj * 8 + part8] = vv;
+        }
+        __syncthreads();
+        if (hw) {
+            float s0 = 0.f, s1 = 0.f;
+            const unsigned* k0 = Ks + lane * 33;
+            const unsigned* k1 = Ks + (lane + 32) * 33;
+#pragma unroll
+            for (int d2 = 0; d2 < 32; d2++) {
+                float qa = qs[warp][2 * d2], qb = qs[warp][2 * d2 + 1];
+                unsigned w0 = k0[d2], w1 = k1[d2];
+                s0 = fmaf(qa, bf_lo(w0), s0); s0 = fmaf(qb, bf_hi(w0), s0);
+                s1 = fmaf(qa, bf_lo(w1), s1); s1 = fmaf(qb, bf_hi(w1), s1);
+            }
+            if (ts + lane >= ke) s0 = -INFINITY;
+            if (ts + lane + 32 >= ke) s1 = -INFINITY;
+            float m_new = fmaxf(m_run, warp_max(fmaxf(s0, s1)));
+            float corr = __expf(m_run - m_new);
+            float p0 = __expf(s0 - m_new), p1 = __expf(s1 - m_new);
+            l_run = l_run * corr + warp_sum(p0 + p1);
+            o0 *= corr;
+            o1 *= corr;
+#pragma unroll 8
+            for (int jj = 0; jj < 32; jj++) {
+                float pa = __shfl_sync(0xffffffffu, p0, jj);
+                float pb = __shfl_sync(0xffffffffu, p1, jj);
+                unsigned va = Vs[jj * 32 + lane], vb = Vs[(jj + 32) * 32 + lane];
+                o0 = fmaf(pa, bf_lo(va), o0); o0 = fmaf(pb, bf_lo(vb), o0);
+                o1 = fmaf(pa, bf_hi(va), o1); o1 = fmaf(pb, bf_hi(vb), o1);
+            }
+            m_run = m_new;
+        }
+    }
+    if (hw) {
+        float* pp = part + ((size_t)(t * nh + hq) * smax + s) * PART;
+        if (lane == 0) { pp[0] = m_run; pp[1] = l_run; }
+        pp[2 + 2 * lane] = o0;
+        pp[3 + 2 * lane] = o1;
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last_s = atomicAdd(counters + t * nkv + g, 1u) == (unsigned)(active - 1);
+    __syncthreads();
+    if (!last_s) return;
+    __threadfence();
+    if (hw) {
+        const float sink = L->sinks[hq];
+        const float* pb = part + (size_t)(t * nh + hq) * smax * PART;
+        float M = sink;
+        for (int i = 0; i < active; i++) M = fmaxf(M, __ldcg(pb + i * PART));
+        float den = __expf(sink - M), a0 = 0.f, a1 = 0.f;
+        for (int i = 0; i < active; i++) {
+            float f = __expf(__ldcg(pb + i * PART) - M);
+            den = fmaf(f, __ldcg(pb + i * PART + 1), den);
+            a0 = fmaf(f, __ldcg(pb + i * PART + 2 + 2 * lane), a0);
+            a1 = fmaf(f, __ldcg(pb + i * PART + 3 + 2 * lane), a1);
+        }
+        float inv = 1.0f / den;
+        out[(size_t)t * nh * HEAD_DIM + hq * HEAD_DIM + 2 * lane] = a0 * inv;
+        out[(size_t)t * nh * HEAD_DIM + hq * HEAD_DIM + 2 * lane + 1] = a1 * inv;
+    }
+    if (threadIdx.x == 0) counters[t * nkv + g] = 0;
+}

@@ -1,0 +1,312 @@
+// GEMV-style kernels of the GPT-OSS forward pass, reading weights in their stored encodings
+// (bf16 / f16 / f32, bitsandbytes NF4 with or without double quantization, MXFP4); see
+// common.cuh for the QMat layouts and the padded shared-memory activation layout.
+//
+// All kernels: block = 256 threads (8 warps); one warp computes one output "unit" (one row, or a
+// pair of rows) for all T tokens of the launch, looping over units with a grid stride
+// (unit = blockIdx.x*8 + warp, stride gridDim.x*8), so the grid can be sized to the GPU
+// (SMs x resident blocks). Accumulation is f32 (fmaf); activations are f32.
+//
+// k_embed        grid (T), block 256. x[t, :] = embed[tok[t], :] (f32).
+// k_linear_{1,4} grid (gx), block 256, dyn smem = NT*padded(cols)*4 + 2048 + 256.
+//                out[t, r] (=|+=) W[r, :] . x'[t, :] + b[r] for t < T, r < rows, where x' is x
+//                or rmsnorm(x, norm_w). Flags: F_RESID (add into out), F_ARGMAX (greedy token per
+//                t into idx_out, ties -> lowest index), F_TOPK (router: top-k logits of each t ->
+//                sel/wsel with softmax over the k), F_WRITE_NORMED (block 0 writes x' to aux).
+//                The argmax/top-k run in the last block to finish (atomic counter, reset after),
+//                in a fixed order: deterministic.
+// k_qkv_{1,4}    grid (gx), block 256, dyn smem = NT*padded(H)*4 + 3*2048.
+//                h = rmsnorm(x, in_norm); units = q (nh*32), k (nkv*32), v (nkv*32) row pairs
+//                (r, r+32) of one head: q/k rotated with YaRN RoPE (rotate-half, the f32 cos/sin
+//                tables [pos][32] of the CPU reference), q -> qout [T, nh*64] f32, k/v -> the
+//                layer's bf16 KV cache at slot pos (or pos % ring for sliding layers).
+// k_moe_gu       grid (gx, T*K), block 256, dyn smem = padded(H)*4 + 2048.
+//                job j = (t, k) = (j / K, j % K), expert e = sel[j]; unit i < I = rows (2i, 2i+1)
+//                of gate_up[e] (gate, up interleaved) -> act[j, i] = clamped SwiGLU.
+// k_moe_dn       grid (gx, T), block 256, dyn smem = K*padded(I)*4 + K*2048.
+//                unit r < H: x[t, r] += sum_k wsel[t,k] * (down[sel[t,k]][r, :] . act[t*K+k, :]
+//                + bias[r]) in k order (deterministic, no float atomics).
+
+#include "common.cuh"
+
+extern __shared__ float4 smem4[];  // dynamic shared memory of every kernel below
+
+#define F_RESID 1
+#define F_ARGMAX 2
+#define F_TOPK 4
+#define F_WRITE_NORMED 8
+#define F_NORM 16
+
+extern "C" __global__ void k_embed(QMat m, const StepParams* sp, float* x, int H) {
+    int t = blockIdx.x;
+    if (t >= sp->T) return;
+    long long tok = sp->tok[t];
+    for (int i = threadIdx.x; i < H; i += blockDim.x) x[(size_t)t * H + i] = qmat_elem(m, tok, i);
+}
+
+// Top-k of one row of logits by one warp: k rounds of a warp argmax (ties -> lower index),
+// then softmax over the selected values.
+__device__ void warp_topk(const float* logits, int n, int k, int* sel, float* wsel) {
+    int lane = threadIdx.x & 31;
+    float vals[MAXK];
+    int idxs[MAXK];
+    for (int kk = 0; kk < k; kk++) {
+        float best = -INFINITY;
+        int bi = 0x7fffffff;
+        for (int e = lane; e < n; e += 32) {
+            bool taken = false;
+            for (int p = 0; p < kk; p++) taken |= (idxs[p] == e);
+            float v = __ldcg(logits + e);
+            if (!taken && (v > best || (v == best && e < bi))) { best = v; bi = e; }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, best, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+        }
+        vals[kk] = best;
+        idxs[kk] = bi;
+    }
+    if (lane == 0) {
+        float m = -INFINITY;
+        for (int kk = 0; kk < k; kk++) m = fmaxf(m, vals[kk]);
+        float ex[MAXK];
+        float sum = 0.f;
+        for (int kk = 0; kk < k; kk++) { ex[kk] = expf(vals[kk] - m); sum += ex[kk]; }
+        for (int kk = 0; kk < k; kk++) { sel[kk] = idxs[kk]; wsel[kk] = ex[kk] / sum; }
+    }
+}
+
+template <int NT>
+__device__ void linear_body(QMat m, const float* x, int ld_in, int T, const float* norm_w, float eps,
+                            float* out, int ld_out, int flags, float* aux, int* idx_out, float* red_val,
+                            int* red_idx, unsigned* counter, int topk, int* sel, float* wsel) {
+    float* smem = reinterpret_cast<float*>(smem4);
+    const int xstride = padded_len(m.cols);
+    float* xs = smem;
+    float2* lut = reinterpret_cast<float2*>(smem + NT * xstride);
+    float* red = reinterpret_cast<float*>(lut + 256);  // 64 floats
+    __shared__ float bv_s[WARPS][NT];
+    __shared__ int bi_s[WARPS][NT];
+    __shared__ int last_s;
+    build_lut(lut, m);
+    load_x<NT>(xs, xstride, x, ld_in, m.cols, T, (flags & F_NORM) ? norm_w : nullptr, eps, red,
+               ((flags & F_WRITE_NORMED) && blockIdx.x == 0) ? aux : nullptr);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float best[NT];
+    int bidx[NT];
+#pragma unroll
+    for (int t = 0; t < NT; t++) { best[t] = -INFINITY; bidx[t] = 0x7fffffff; }
+    for (int r = blockIdx.x * WARPS + warp; r < m.rows; r += gridDim.x * WARPS) {
+        int rows[1] = {r};
+        float acc[1][NT];
+        warp_dot<1, NT>(m, rows, xs, xstride, lut, acc, lane);
+        if (lane == 0) {
+            float b = m.bias ? m.bias[r] : 0.f;
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                if (t < T) {
+                    float v = acc[0][t] + b;
+                    float* o = out + (size_t)t * ld_out + r;
+                    if (flags & F_RESID) *o += v; else *o = v;
+                    if (v > best[t]) { best[t] = v; bidx[t] = r; }
+                }
+            }
+        }
+    }
+    if (!(flags & (F_ARGMAX | F_TOPK))) return;
+    if (flags & F_ARGMAX) {
+        if (lane == 0) {
+#pragma unroll
+            for (int t = 0; t < NT; t++) { bv_s[warp][t] = best[t]; bi_s[warp][t] = bidx[t]; }
+        }
+        __syncthreads();
+        if (threadIdx.x < NT) {
+            int t = threadIdx.x;
+            float bv = -INFINITY;
+            int bi = 0x7fffffff;
+            for (int w = 0; w < WARPS; w++) {
+                float v = bv_s[w][t];
+                int i = bi_s[w][t];
+                if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
+            }
+            red_val[blockIdx.x * NT + t] = bv;
+            red_idx[blockIdx.x * NT + t] = bi;
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last_s = atomicAdd(counter, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last_s) return;
+    __threadfence();
+    if (flags & F_ARGMAX) {
+        if (threadIdx.x < T) {
+            int t = threadIdx.x;
+            float bv = -INFINITY;
+            int bi = 0x7fffffff;
+            for (int b = 0; b < (int)gridDim.x; b++) {
+                float v = __ldcg(red_val + b * NT + t);
+                int i = __ldcg(red_idx + b * NT + t);
+                if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
+            }
+            idx_out[t] = bi == 0x7fffffff ? 0 : bi;
+        }
+    }
+    if (flags & F_TOPK) {
+        if (warp < T) warp_topk(out + (size_t)warp * ld_out, m.rows, topk, sel + warp * topk, wsel + warp * topk);
+    }
+    if (threadIdx.x == 0) *counter = 0;
+}
+
+extern "C" __global__ void __launch_bounds__(256) k_linear_1(QMat m, const float* x, int ld_in, int T, const float* norm_w,
+                                           float eps, float* out, int ld_out, int flags, float* aux,
+                                           int* idx_out, float* red_val, int* red_idx, unsigned* counter,
+                                           int topk, int* sel, float* wsel) {
+    linear_body<1>(m, x, ld_in, T, norm_w, eps, out, ld_out, flags, aux, idx_out, red_val, red_idx, counter,
+                   topk, sel, wsel);
+}
+
+extern "C" __global__ void __launch_bounds__(256) k_linear_4(QMat m, const float* x, int ld_in, int T, const float* norm_w,
+                                           float eps, float* out, int ld_out, int flags, float* aux,
+                                           int* idx_out, float* red_val, int* red_idx, unsigned* counter,
+                                           int topk, int* sel, float* wsel) {
+    linear_body<4>(m, x, ld_in, T, norm_w, eps, out, ld_out, flags, aux, idx_out, red_val, red_idx, counter,
+                   topk, sel, wsel);
+}
+
+template <int NT>
+__device__ void qkv_body(const LayerDev* L, const StepParams* sp, int layer, const float* x, int H, int nh,
+                         int nkv, float eps, float* qout, const float* cos_tab, const float* sin_tab) {
+    float* smem = reinterpret_cast<float*>(smem4);
+    const int xstride = padded_len(H);
+    float* xs = smem;
+    float2* luts = reinterpret_cast<float2*>(smem + NT * xstride);  // 3 x 256
+    __shared__ QMat mats[3];
+    __shared__ float red[64];
+    if (threadIdx.x == 0) { mats[0] = L->q; mats[1] = L->k; mats[2] = L->v; }
+    __syncthreads();
+    for (int j = 0; j < 3; j++) build_lut(luts + 256 * j, mats[j]);
+    const int T = sp->T;
+    load_x<NT>(xs, xstride, x, H, H, T, L->in_norm, eps, red, nullptr);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int nq = nh * 32, nk = nkv * 32;
+    const int units = nq + 2 * nk;
+    const int kvd = nkv * HEAD_DIM;
+    for (int u = blockIdx.x * WARPS + warp; u < units; u += gridDim.x * WARPS) {
+        int which = u < nq ? 0 : (u < nq + nk ? 1 : 2);
+        int uu = u - (which == 0 ? 0 : (which == 1 ? nq : nq + nk));
+        int head = uu >> 5, d = uu & 31;
+        int r0 = head * HEAD_DIM + d;
+        int rows[2] = {r0, r0 + 32};
+        const QMat& m = mats[which];
+        float acc[2][NT];
+        warp_dot<2, NT>(m, rows, xs, xstride, luts + 256 * which, acc, lane);
+        if (lane == 0) {
+            float b0 = m.bias ? m.bias[rows[0]] : 0.f;
+            float b1 = m.bias ? m.bias[rows[1]] : 0.f;
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                if (t < T) {
+                    int pos = sp->pos0 + t;
+                    float a = acc[0][t] + b0, c = acc[1][t] + b1;
+                    if (which < 2) {
+                        float cs = cos_tab[(size_t)pos * 32 + d], sn = sin_tab[(size_t)pos * 32 + d];
+                        float a2 = a * cs - c * sn;
+                        float c2 = c * cs + a * sn;
+                        a = a2;
+                        c = c2;
+                    }
+                    if (which == 0) {
+                        qout[(size_t)t * nh * HEAD_DIM + rows[0]] = a;
+                        qout[(size_t)t * nh * HEAD_DIM + rows[1]] = c;
+                    } else {
+                        int slot = L->ring ? pos % L->ring : pos;
+                        unsigned short* cache =
+                            reinterpret_cast<unsigned short*>(which == 1 ? sp->kc[layer] : sp->vc[layer]);
+                        cache[(size_t)slot * kvd + rows[0]] = f2bf(a);
+                        cache[(size_t)slot * kvd + rows[1]] = f2bf(c);
+                    }
+                }
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) k_qkv_1(const LayerDev* L, const StepParams* sp, int layer, const float* x,
+                                        int H, int nh, int nkv, float eps, float* qout, const float* cos_tab,
+                                        const float* sin_tab) {
+    qkv_body<1>(L, sp, layer, x, H, nh, nkv, eps, qout, cos_tab, sin_tab);
+}
+
+extern "C" __global__ void __launch_bounds__(256) k_qkv_4(const LayerDev* L, const StepParams* sp, int layer, const float* x,
+                                        int H, int nh, int nkv, float eps, float* qout, const float* cos_tab,
+                                        const float* sin_tab) {
+    qkv_body<4>(L, sp, layer, x, H, nh, nkv, eps, qout, cos_tab, sin_tab);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) k_moe_gu(const LayerDev* L, const StepParams* sp, const float* h, int H,
+                                         int I, int K, const int* sel, float* act, float alpha, float limit) {
+    float* smem = reinterpret_cast<float*>(smem4);
+    const int j = blockIdx.y;
+    const int t = j / K;
+    if (t >= sp->T) return;
+    const int xstride = padded_len(H);
+    float* xs = smem;
+    float2* lut = reinterpret_cast<float2*>(smem + xstride);
+    __shared__ QMat m_s;
+    __shared__ float red[64];
+    if (threadIdx.x == 0) m_s = L->gu[sel[j]];
+    __syncthreads();
+    const QMat& m = m_s;
+    build_lut(lut, m);
+    load_x<1>(xs, xstride, h + (size_t)t * H, H, H, 1, nullptr, 0.f, red, nullptr);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int i = blockIdx.x * WARPS + warp; i < I; i += gridDim.x * WARPS) {
+        int rows[2] = {2 * i, 2 * i + 1};
+        float acc[2][1];
+        warp_dot<2, 1>(m, rows, xs, xstride, lut, acc, lane);
+        if (lane == 0) {
+            float g = acc[0][0] + (m.bias ? m.bias[2 * i] : 0.f);
+            float u = acc[1][0] + (m.bias ? m.bias[2 * i + 1] : 0.f);
+            g = fminf(g, limit);
+            u = fminf(fmaxf(u, -limit), limit);
+            float glu = g / (1.0f + expf(-alpha * g));
+            act[(size_t)j * I + i] = (u + 1.0f) * glu;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) k_moe_dn(const LayerDev* L, const StepParams* sp, const float* act, int H,
+                                         int I, int K, const int* sel, const float* wsel, float* x) {
+    float* smem = reinterpret_cast<float*>(smem4);
+    const int t = blockIdx.y;
+    if (t >= sp->T) return;
+    const int xstride = padded_len(I);
+    float* xs = smem;  // K vectors
+    float2* luts = reinterpret_cast<float2*>(smem + K * xstride);
+    __shared__ QMat mats[MAXK];
+    __shared__ float wk[MAXK];
+    __shared__ float red[64];
+    if (threadIdx.x < K) {
+        mats[threadIdx.x] = L->dn[sel[t * K + threadIdx.x]];
+        wk[threadIdx.x] = wsel[t * K + threadIdx.x];
+    }
+    __syncthreads();
+    for (int k = 0; k < K; k++) build_lut(luts + 256 * k, mats[k]);
+    for (int k = 0; k < K; k++)
+        load_x<1>(xs + k * xstride, xstride, act + (size_t)(t * K + k) * I, I, I, 1, nullptr, 0.f, red, nullptr);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int r = blockIdx.x * WARPS + warp; r < H; r += gridDim.x * WARPS) {
+        int rows[1] = {r};
+        float total = 0.f;
+        for (int k = 0; k < K; k++) {
+            float acc[1][1];
+            warp_dot<1, 1>(mats[k], rows, xs + k * xstride, xstride, luts + 256 * k, acc, lane);
+            float v = acc[0][0] + (mats[k].bias ? mats[k].bias[r] : 0.f);
+            total = fmaf(wk[k], v, total);
+        }
+        if (lane == 0) x[(size_t)t * H + r] += total;
+    }
+}

@@ -1,0 +1,429 @@
+//! The embedded kernel images, the device-side descriptor structs (mirrors of
+//! `kernels/common.cuh`), and one typed launch function per kernel.
+//!
+//! # Why ahead-of-time fatbins (and not NVRTC)
+//! The kernels are compiled by `scripts/build_kernels.sh` with a pinned nvcc (PyPI 13.0.88, usable
+//! on a machine without a GPU) into fatbins holding SASS for sm_80, sm_86, sm_89 and sm_90 plus
+//! compute_80 PTX for newer GPUs, committed under `kernels/bin/` and embedded with
+//! `include_bytes!`. Compared with NVRTC this needs no `libnvrtc` (nor CUDA headers) on the user's
+//! machine, costs no compile time at start-up, and lets compile errors, register counts and
+//! spills be seen where the code is written. The price is a build step after editing a `.cu`
+//! file; a unit test ([`tests::kernel_sources_match_fatbins`]) compares the SHA-256 of the sources
+//! with the hashes recorded when the fatbins were built, so a stale fatbin fails CI.
+
+use std::ffi::c_void;
+
+use crate::driver::{DevBuf, Func, Gpu, Module, Stream, launch};
+
+pub static GEMV_FATBIN: &[u8] = include_bytes!("../kernels/bin/gemv.fatbin");
+pub static ATTENTION_FATBIN: &[u8] = include_bytes!("../kernels/bin/attention.fatbin");
+pub static BANDWIDTH_FATBIN: &[u8] = include_bytes!("../kernels/bin/bandwidth.fatbin");
+
+/// The kernel sources, for the freshness check.
+pub const KERNEL_SOURCES: [(&str, &str); 4] = [
+    ("common.cuh", include_str!("../kernels/common.cuh")),
+    ("gemv.cu", include_str!("../kernels/gemv.cu")),
+    ("attention.cu", include_str!("../kernels/attention.cu")),
+    ("bandwidth.cu", include_str!("../kernels/bandwidth.cu")),
+];
+/// `sha256sum` of the sources when the fatbins were built.
+pub const KERNEL_SOURCES_SHA256: &str = include_str!("../kernels/SOURCES.sha256");
+
+/// Tokens per launch (prefill is run in chunks of this many tokens).
+pub const MAXT: usize = 4;
+/// Most experts per token the kernels handle.
+pub const MAXK: usize = 4;
+/// Most layers a [`StepParams`] can address.
+pub const MAX_LAYERS: usize = 64;
+/// Head dimension the attention kernels are written for.
+pub const HEAD_DIM: usize = 64;
+/// Most query heads per KV head (warps of the attention block).
+pub const MAX_GROUP: usize = 8;
+/// Largest number of KV splits of the attention kernel.
+pub const SMAX: usize = 32;
+/// Floats per attention partial (max, sum, o[64]).
+pub const PART: usize = 66;
+
+pub const K_BF16: i32 = 0;
+pub const K_F16: i32 = 1;
+pub const K_F32: i32 = 2;
+pub const K_NF4N: i32 = 3;
+pub const K_NF4F: i32 = 4;
+pub const K_MXFP4: i32 = 5;
+
+pub const F_RESID: i32 = 1;
+pub const F_ARGMAX: i32 = 2;
+pub const F_TOPK: i32 = 4;
+pub const F_WRITE_NORMED: i32 = 8;
+pub const F_NORM: i32 = 16;
+
+/// One weight matrix on the device (`struct QMat` in common.cuh).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct QMat {
+    pub w: u64,
+    pub s: u64,
+    pub nabs: u64,
+    pub code: u64,
+    pub ncode: u64,
+    pub bias: u64,
+    pub kind: i32,
+    pub rows: i32,
+    pub cols: i32,
+    pub offset: f32,
+    pub nbs_shift: i32,
+    pub pad: i32,
+}
+
+/// One decoder layer on the device (`struct LayerDev`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LayerDev {
+    pub q: QMat,
+    pub k: QMat,
+    pub v: QMat,
+    pub o: QMat,
+    pub router: QMat,
+    pub gu: u64,
+    pub dn: u64,
+    pub in_norm: u64,
+    pub post_norm: u64,
+    pub sinks: u64,
+    pub window: i32,
+    pub ring: i32,
+}
+
+/// Per-call parameters read by the kernels from device memory (`struct StepParams`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepParams {
+    pub t: i32,
+    pub pos0: i32,
+    pub tok: [i32; MAXT],
+    pub kc: [u64; MAX_LAYERS],
+    pub vc: [u64; MAX_LAYERS],
+}
+
+impl Default for StepParams {
+    fn default() -> Self {
+        StepParams { t: 0, pos0: 0, tok: [0; MAXT], kc: [0; MAX_LAYERS], vc: [0; MAX_LAYERS] }
+    }
+}
+
+const _: () = assert!(std::mem::size_of::<QMat>() == 72);
+const _: () = assert!(std::mem::size_of::<LayerDev>() == 408);
+const _: () = assert!(std::mem::size_of::<StepParams>() == 1048);
+
+/// Floats of the padded shared-memory layout of an `n`-vector (see common.cuh).
+pub fn padded_len(n: usize) -> usize {
+    n / 32 * 36
+}
+
+/// Builds the argument pointer array of a launch from local variables.
+macro_rules! args {
+    ($($a:ident),* $(,)?) => {
+        [$( &$a as *const _ as *mut c_void ),*]
+    };
+}
+
+/// The loaded kernels and their launch geometry for one model shape.
+pub struct Kernels {
+    _modules: Vec<Module>,
+    embed: Func,
+    linear1: Func,
+    linear4: Func,
+    qkv1: Func,
+    qkv4: Func,
+    moe_gu: Func,
+    moe_dn: Func,
+    attn: Func,
+    read_bw: Func,
+    sm_count: usize,
+}
+
+/// Dynamic shared memory of each kernel for a model shape.
+#[derive(Debug, Clone, Copy)]
+pub struct SmemPlan {
+    pub linear_h: [usize; 2],
+    pub linear_q: [usize; 2],
+    pub qkv: [usize; 2],
+    pub moe_gu: usize,
+    pub moe_dn: usize,
+}
+
+impl SmemPlan {
+    pub fn new(h: usize, q_dim: usize, inter: usize, k: usize) -> SmemPlan {
+        let lin = |cols: usize, nt: usize| nt * padded_len(cols) * 4 + 2048 + 256;
+        SmemPlan {
+            linear_h: [lin(h, 1), lin(h, MAXT)],
+            linear_q: [lin(q_dim, 1), lin(q_dim, MAXT)],
+            qkv: [padded_len(h) * 4 + 3 * 2048, MAXT * padded_len(h) * 4 + 3 * 2048],
+            moe_gu: padded_len(h) * 4 + 2048,
+            moe_dn: k * padded_len(inter) * 4 + k * 2048,
+        }
+    }
+
+    pub fn max(&self) -> usize {
+        [self.linear_h[1], self.linear_q[1], self.qkv[1], self.moe_gu, self.moe_dn].into_iter().max().unwrap_or(0)
+    }
+}
+
+impl Kernels {
+    /// Loads the three images and raises the shared-memory limit of each kernel to what `plan`
+    /// needs (an error if the GPU has less).
+    pub fn load(gpu: &Gpu, plan: &SmemPlan) -> Result<Kernels, String> {
+        if plan.max() > gpu.info.max_smem_optin {
+            return Err(format!(
+                "the kernels need {} bytes of shared memory per block, {} allows {}",
+                plan.max(),
+                gpu.info.name,
+                gpu.info.max_smem_optin
+            ));
+        }
+        let gemv = gpu.load_module(GEMV_FATBIN)?;
+        let attn = gpu.load_module(ATTENTION_FATBIN)?;
+        let bw = gpu.load_module(BANDWIDTH_FATBIN)?;
+        let k = Kernels {
+            embed: gemv.function("k_embed")?,
+            linear1: gemv.function("k_linear_1")?,
+            linear4: gemv.function("k_linear_4")?,
+            qkv1: gemv.function("k_qkv_1")?,
+            qkv4: gemv.function("k_qkv_4")?,
+            moe_gu: gemv.function("k_moe_gu")?,
+            moe_dn: gemv.function("k_moe_dn")?,
+            attn: attn.function("k_attn")?,
+            read_bw: bw.function("k_read_bw")?,
+            _modules: vec![gemv, attn, bw],
+            sm_count: gpu.info.sm_count,
+        };
+        let lin_max = plan.linear_h[1].max(plan.linear_q[1]);
+        for (f, s) in [
+            (k.linear1, lin_max),
+            (k.linear4, lin_max),
+            (k.qkv1, plan.qkv[0]),
+            (k.qkv4, plan.qkv[1]),
+            (k.moe_gu, plan.moe_gu),
+            (k.moe_dn, plan.moe_dn),
+        ] {
+            f.set_max_dynamic_smem(s)?;
+        }
+        Ok(k)
+    }
+
+    /// Grid size for `units` warp units (8 per block) of `f` with `smem`: no more blocks than
+    /// can be resident at once, divided among `jobs` (grid.y).
+    fn grid_x(&self, f: Func, smem: usize, units: usize, jobs: usize) -> Result<u32, String> {
+        let resident = self.sm_count * f.occupancy(smem)?;
+        let want = units.div_ceil(8).max(1);
+        Ok(want.min((resident / jobs.max(1)).max(1)) as u32)
+    }
+
+    pub fn embed(&self, s: &Stream, m: &QMat, sp: u64, x: u64, h: usize, t: usize) -> Result<(), String> {
+        let (m, h) = (*m, h as i32);
+        let mut a = args!(m, sp, x, h);
+        launch(self.embed, (t as u32, 1, 1), 0, s, &mut a)
+    }
+
+    /// Grid of `linear` for a matrix (the red_val/red_idx scratch needs one entry per block).
+    pub fn linear_grid(&self, m: &QMat, nt: usize, smem: usize) -> Result<u32, String> {
+        let f = if nt == 1 { self.linear1 } else { self.linear4 };
+        self.grid_x(f, smem, m.rows as usize, 1)
+    }
+
+    /// `out[t] (+)= m @ x'[t] + b` (see gemv.cu `k_linear_*`). `nt` selects the 1- or
+    /// MAXT-token variant; `t` <= nt tokens are computed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear(
+        &self,
+        s: &Stream,
+        nt: usize,
+        smem: usize,
+        m: &QMat,
+        x: u64,
+        ld_in: usize,
+        t: usize,
+        norm_w: u64,
+        eps: f32,
+        out: u64,
+        ld_out: usize,
+        flags: i32,
+        extra: &LinearExtra,
+    ) -> Result<(), String> {
+        let f = if nt == 1 { self.linear1 } else { self.linear4 };
+        let grid = self.grid_x(f, smem, m.rows as usize, 1)?;
+        let (m, ld_in, t, ld_out) = (*m, ld_in as i32, t as i32, ld_out as i32);
+        let LinearExtra { aux, idx_out, red_val, red_idx, counter, topk, sel, wsel } = *extra;
+        let mut a =
+            args!(m, x, ld_in, t, norm_w, eps, out, ld_out, flags, aux, idx_out, red_val, red_idx, counter, topk, sel, wsel);
+        launch(f, (grid, 1, 1), smem, s, &mut a)
+    }
+
+    /// q/k/v of layer `layer` with RMSNorm and RoPE, k/v into the cache (gemv.cu `k_qkv_*`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn qkv(
+        &self,
+        s: &Stream,
+        nt: usize,
+        smem: usize,
+        layer_dev: u64,
+        sp: u64,
+        layer: usize,
+        x: u64,
+        dims: &Dims,
+        qout: u64,
+        cos: u64,
+        sin: u64,
+    ) -> Result<(), String> {
+        let f = if nt == 1 { self.qkv1 } else { self.qkv4 };
+        let units = dims.nh * 32 + 2 * dims.nkv * 32;
+        let grid = self.grid_x(f, smem, units, 1)?;
+        let (layer, h, nh, nkv, eps) = (layer as i32, dims.h as i32, dims.nh as i32, dims.nkv as i32, dims.eps);
+        let mut a = args!(layer_dev, sp, layer, x, h, nh, nkv, eps, qout, cos, sin);
+        launch(f, (grid, 1, 1), smem, s, &mut a)
+    }
+
+    /// Attention of layer `layer` for `t` queries (attention.cu `k_attn`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attn(
+        &self,
+        s: &Stream,
+        layer_dev: u64,
+        sp: u64,
+        layer: usize,
+        q: u64,
+        out: u64,
+        part: u64,
+        counters: u64,
+        dims: &Dims,
+        t: usize,
+    ) -> Result<(), String> {
+        let (layer, nh, nkv, smax) = (layer as i32, dims.nh as i32, dims.nkv as i32, SMAX as i32);
+        let mut a = args!(layer_dev, sp, layer, q, out, part, counters, nh, nkv, smax);
+        launch(self.attn, (dims.nkv as u32, SMAX as u32, t as u32), 0, s, &mut a)
+    }
+
+    /// Expert gate_up + SwiGLU for the `t * k` selected (token, expert) pairs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_gu(
+        &self,
+        s: &Stream,
+        smem: usize,
+        layer_dev: u64,
+        sp: u64,
+        h_buf: u64,
+        dims: &Dims,
+        t: usize,
+        sel: u64,
+        act: u64,
+    ) -> Result<(), String> {
+        let jobs = t * dims.k;
+        let grid = self.grid_x(self.moe_gu, smem, dims.inter, jobs)?;
+        let (h, i, k, alpha, limit) = (dims.h as i32, dims.inter as i32, dims.k as i32, dims.alpha, dims.limit);
+        let mut a = args!(layer_dev, sp, h_buf, h, i, k, sel, act, alpha, limit);
+        launch(self.moe_gu, (grid, jobs as u32, 1), smem, s, &mut a)
+    }
+
+    /// Expert down projections, weighted sum and residual add.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_dn(
+        &self,
+        s: &Stream,
+        smem: usize,
+        layer_dev: u64,
+        sp: u64,
+        act: u64,
+        dims: &Dims,
+        t: usize,
+        sel: u64,
+        wsel: u64,
+        x: u64,
+    ) -> Result<(), String> {
+        let grid = self.grid_x(self.moe_dn, smem, dims.h, t)?;
+        let (h, i, k) = (dims.h as i32, dims.inter as i32, dims.k as i32);
+        let mut a = args!(layer_dev, sp, act, h, i, k, sel, wsel, x);
+        launch(self.moe_dn, (grid, t as u32, 1), smem, s, &mut a)
+    }
+
+    /// Reads `buf` once (`n16` 16-byte words) with `blocks` blocks.
+    pub fn read_bw(&self, s: &Stream, buf: &DevBuf, out: &DevBuf, blocks: usize) -> Result<(), String> {
+        let (src, n16, o) = (buf.ptr, (buf.bytes / 16) as u64, out.ptr);
+        let mut a = args!(src, n16, o);
+        launch(self.read_bw, (blocks as u32, 1, 1), 0, s, &mut a)
+    }
+
+    pub fn sm_count(&self) -> usize {
+        self.sm_count
+    }
+}
+
+/// The scratch pointers of `k_linear` (0 where unused).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LinearExtra {
+    pub aux: u64,
+    pub idx_out: u64,
+    pub red_val: u64,
+    pub red_idx: u64,
+    pub counter: u64,
+    pub topk: i32,
+    pub sel: u64,
+    pub wsel: u64,
+}
+
+/// Model dimensions the launches need.
+#[derive(Debug, Clone, Copy)]
+pub struct Dims {
+    pub h: usize,
+    pub nh: usize,
+    pub nkv: usize,
+    pub q_dim: usize,
+    pub kv_dim: usize,
+    pub e: usize,
+    pub k: usize,
+    pub inter: usize,
+    pub vocab: usize,
+    pub layers: usize,
+    pub eps: f32,
+    pub alpha: f32,
+    pub limit: f32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_sources_match_fatbins() {
+        let recorded: Vec<(&str, &str)> = KERNEL_SOURCES_SHA256
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let mut it = l.split_whitespace();
+                (it.next().unwrap(), it.next().unwrap().trim_start_matches('*'))
+            })
+            .collect();
+        assert_eq!(recorded.len(), KERNEL_SOURCES.len(), "SOURCES.sha256 lists every kernel source");
+        for (name, text) in KERNEL_SOURCES {
+            let want = recorded.iter().find(|(_, n)| *n == name).map(|(h, _)| *h);
+            let got = crate::sha256::hex(text.as_bytes());
+            assert_eq!(
+                Some(got.as_str()),
+                want,
+                "kernels/{name} changed since the fatbins were built: run scripts/build_kernels.sh and commit kernels/bin"
+            );
+        }
+    }
+
+    #[test]
+    fn fatbins_are_embedded() {
+        for img in [GEMV_FATBIN, ATTENTION_FATBIN, BANDWIDTH_FATBIN] {
+            // Fatbin magic 0xBA55ED50, little-endian.
+            assert_eq!(&img[..4], &[0x50, 0xED, 0x55, 0xBA]);
+        }
+    }
+
+    #[test]
+    fn padded_layout_matches_the_kernels() {
+        assert_eq!(padded_len(2880), 3240);
+        assert_eq!(padded_len(4096) % 4, 0);
+    }
+}

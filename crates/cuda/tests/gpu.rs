@@ -1,0 +1,646 @@
+//! GPU tests of the CUDA backend. Without a usable GPU each test prints a notice and passes
+//! (CI has none); on a GPU machine run the release test binary (`--test-threads=1`).
+//!
+//! - every kernel against the CPU reference on random data of the real 20b shapes (fresh random
+//!   weights and inputs each run; each kernel is fed the GPU's own inputs of that stage so an
+//!   error is attributed to one kernel; every output element is compared);
+//! - a 2-layer random model of 20b width (NF4/MXFP4/bf16/f16/f32 matrices): logits vs the
+//!   reference model over a chunked prompt and decode steps;
+//! - the fixture checkpoints: GPU logits vs the CPU backend ≤ 1e-2 relative and the same greedy
+//!   tokens for 32 steps (also through the CUDA-graph greedy path);
+//! - a synthetic full-size 20b (`GPTOSS_SYNTH20B=/dir`): load time, per-layer check, and a
+//!   prompt longer than 8192 tokens.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use gptoss_cuda::debug::LayerTrace;
+use gptoss_cuda::{CudaBackend, CudaOptions};
+use gptoss_engine::backend::{Backend, BackendError, LogitsWanted, SeqStep, StepBatch};
+use gptoss_engine::cpu::CpuBackend;
+use gptoss_formats::checkpoint::DType;
+use gptoss_formats::codec::bnb4::{Absmax, Bnb4Kind, Bnb4Tensor};
+use gptoss_formats::codec::mxfp4::Mxfp4Matrix;
+use gptoss_formats::weights::{Expert, LayerWeights, Layout, MatrixData, Orientation};
+use gptoss_formats::{Checkpoint, GptOssConfig, Linear, Matrix, ModelWeights, Vector};
+use gptoss_model::reference::attention::{attend, visible_keys};
+use gptoss_model::reference::linear::linear;
+use gptoss_model::reference::moe::{route, swiglu};
+use gptoss_model::reference::{ReferenceModel, Rope, rmsnorm};
+
+fn gpu_or_skip(test: &str) -> bool {
+    if gptoss_cuda::gpu_available() {
+        true
+    } else {
+        println!("NOTICE: no usable CUDA GPU; skipping {test}");
+        false
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Random numbers (fresh seed each run, printed).
+// ------------------------------------------------------------------------------------------
+
+struct Rng(u64);
+
+impl Rng {
+    fn fresh() -> Rng {
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        println!("random seed {seed}");
+        Rng(seed)
+    }
+    fn u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-a, a).
+    fn f(&mut self, a: f32) -> f32 {
+        ((self.u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
+    }
+    fn vec(&mut self, n: usize, a: f32) -> Vec<f32> {
+        (0..n).map(|_| self.f(a)).collect()
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n + 8);
+        while v.len() < n {
+            v.extend_from_slice(&self.u64().to_le_bytes());
+        }
+        v.truncate(n);
+        v
+    }
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn bf16_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect()
+}
+
+fn f16_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect()
+}
+
+/// Rounds through bf16 (what the GPU's KV cache holds).
+fn bf16_round(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
+}
+
+// ------------------------------------------------------------------------------------------
+// A random in-memory model: byte buffers first, views second.
+// ------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Bf16,
+    F16,
+    F32,
+    Nf4Nested,
+    Nf4F32,
+    Mxfp4,
+}
+
+#[allow(clippy::excessive_precision)]
+const NF4: [f32; 16] = [
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+];
+
+struct LinSpec {
+    rows: usize,
+    cols: usize,
+    kind: Kind,
+    /// Buffer indices: data, scales, nested absmax, code, nested code; bias.
+    bufs: [usize; 5],
+    offset: f32,
+    bias: Option<usize>,
+}
+
+#[derive(Default)]
+struct Store {
+    bufs: Vec<Vec<u8>>,
+}
+
+impl Store {
+    fn push(&mut self, b: Vec<u8>) -> usize {
+        self.bufs.push(b);
+        self.bufs.len() - 1
+    }
+
+    fn linear(&mut self, rng: &mut Rng, rows: usize, cols: usize, kind: Kind, amp: f32, bias: bool) -> LinSpec {
+        let n = rows * cols;
+        let mut bufs = [usize::MAX; 5];
+        let mut offset = 0.0;
+        match kind {
+            Kind::Bf16 => bufs[0] = self.push(bf16_bytes(&rng.vec(n, amp))),
+            Kind::F16 => bufs[0] = self.push(f16_bytes(&rng.vec(n, amp))),
+            Kind::F32 => bufs[0] = self.push(f32_bytes(&rng.vec(n, amp))),
+            Kind::Nf4Nested => {
+                let nblk = n / 64;
+                bufs[0] = self.push(rng.bytes(n / 2));
+                bufs[1] = self.push(rng.bytes(nblk));
+                let nabs: Vec<f32> = (0..nblk.div_ceil(256)).map(|_| amp * (0.6 + 0.4 * rng.f(1.0).abs())).collect();
+                bufs[2] = self.push(f32_bytes(&nabs));
+                bufs[3] = self.push(f32_bytes(&NF4));
+                let ncode: Vec<f32> = (0..256).map(|i| (i as f32 - 127.0) / 128.0).collect();
+                bufs[4] = self.push(f32_bytes(&ncode));
+                offset = amp * 1.2;
+            }
+            Kind::Nf4F32 => {
+                bufs[0] = self.push(rng.bytes(n / 2));
+                let s: Vec<f32> = (0..n / 64).map(|_| amp * (0.5 + rng.f(1.0).abs())).collect();
+                bufs[1] = self.push(f32_bytes(&s));
+                bufs[3] = self.push(f32_bytes(&NF4));
+            }
+            Kind::Mxfp4 => {
+                bufs[0] = self.push(rng.bytes(n / 2));
+                let base = 127 + amp.log2().round() as i32 - 2;
+                let s: Vec<u8> = (0..n / 32).map(|_| (base + (rng.u64() % 3) as i32) as u8).collect();
+                bufs[1] = self.push(s);
+            }
+        }
+        let bias = bias.then(|| self.push(f32_bytes(&rng.vec(rows, 0.1))));
+        LinSpec { rows, cols, kind, bufs, offset, bias }
+    }
+
+    fn vector(&mut self, rng: &mut Rng, n: usize, center: f32, amp: f32) -> usize {
+        let v: Vec<f32> = (0..n).map(|_| center + rng.f(amp)).collect();
+        self.push(f32_bytes(&v))
+    }
+
+    fn vec_view(&self, name: &str, i: usize) -> Vector<'_> {
+        Vector { name: name.into(), dtype: DType::F32, bytes: &self.bufs[i], len: self.bufs[i].len() / 4 }
+    }
+
+    fn matrix(&self, name: &str, s: &LinSpec) -> Matrix<'_> {
+        let b = |i: usize| -> &[u8] { &self.bufs[s.bufs[i]] };
+        let data = match s.kind {
+            Kind::Bf16 => MatrixData::Dense { dtype: DType::BF16, bytes: b(0) },
+            Kind::F16 => MatrixData::Dense { dtype: DType::F16, bytes: b(0) },
+            Kind::F32 => MatrixData::Dense { dtype: DType::F32, bytes: b(0) },
+            Kind::Nf4Nested | Kind::Nf4F32 => MatrixData::Bnb4 {
+                tensor: Bnb4Tensor {
+                    kind: Bnb4Kind::Nf4,
+                    packed: b(0),
+                    code: b(3),
+                    absmax: if s.kind == Kind::Nf4F32 {
+                        Absmax::F32(b(1))
+                    } else {
+                        Absmax::Nested {
+                            codes: b(1),
+                            nested_absmax: b(2),
+                            nested_code: b(4),
+                            nested_blocksize: 256,
+                            offset: s.offset,
+                        }
+                    },
+                    blocksize: 64,
+                    numel: s.rows * s.cols,
+                },
+                elem_offset: 0,
+            },
+            Kind::Mxfp4 => MatrixData::Mxfp4(Mxfp4Matrix::new(b(0), b(1), s.rows, s.cols).unwrap()),
+        };
+        Matrix { name: name.into(), rows: s.rows, cols: s.cols, orientation: Orientation::OutIn, data }
+    }
+
+    fn lin(&self, name: &str, s: &LinSpec) -> Linear<'_> {
+        Linear { weight: self.matrix(name, s), bias: s.bias.map(|i| self.vec_view(&format!("{name}.bias"), i)) }
+    }
+}
+
+struct LayerSpec {
+    q: LinSpec,
+    k: LinSpec,
+    v: LinSpec,
+    o: LinSpec,
+    router: LinSpec,
+    gu: Vec<LinSpec>,
+    dn: Vec<LinSpec>,
+    in_norm: usize,
+    post_norm: usize,
+    sinks: usize,
+}
+
+struct RandomModel {
+    cfg: GptOssConfig,
+    store: Store,
+    embed: LinSpec,
+    lm_head: LinSpec,
+    norm: usize,
+    layers: Vec<LayerSpec>,
+}
+
+/// The 20b config cut to `kinds.len()` layers (even = sliding, odd = full).
+fn config_20b(layers: usize) -> GptOssConfig {
+    let mut v = gptoss_formats::synth::preset_config(gptoss_formats::synth::Preset::Gpt20b);
+    v["num_hidden_layers"] = layers.into();
+    let types: Vec<&str> = (0..layers).map(|i| if i % 2 == 0 { "sliding_attention" } else { "full_attention" }).collect();
+    v["layer_types"] = serde_json::json!(types);
+    GptOssConfig::from_json_str(&v.to_string()).unwrap()
+}
+
+/// Per layer: (q, k, v, o, experts) kinds.
+type LayerKinds = (Kind, Kind, Kind, Kind, Kind);
+
+impl RandomModel {
+    fn new(rng: &mut Rng, kinds: &[LayerKinds]) -> RandomModel {
+        let cfg = config_20b(kinds.len());
+        let (h, qd, kvd, e, i, vocab) =
+            (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.num_local_experts, cfg.intermediate_size, cfg.vocab_size);
+        let mut st = Store::default();
+        let embed = st.linear(rng, vocab, h, Kind::Bf16, 1.0, false);
+        let lm_head = st.linear(rng, vocab, h, Kind::Bf16, 0.03, false);
+        let norm = st.vector(rng, h, 1.0, 0.1);
+        let mut layers = Vec::new();
+        for &(kq, kk, kv, ko, ke) in kinds {
+            layers.push(LayerSpec {
+                q: st.linear(rng, qd, h, kq, 0.03, true),
+                k: st.linear(rng, kvd, h, kk, 0.03, true),
+                v: st.linear(rng, kvd, h, kv, 0.03, true),
+                o: st.linear(rng, h, qd, ko, 0.03, true),
+                router: st.linear(rng, e, h, Kind::Bf16, 0.03, true),
+                gu: (0..e).map(|_| st.linear(rng, 2 * i, h, ke, 0.02, true)).collect(),
+                dn: (0..e).map(|_| st.linear(rng, h, i, ke, 0.02, true)).collect(),
+                in_norm: st.vector(rng, h, 1.0, 0.1),
+                post_norm: st.vector(rng, h, 1.0, 0.1),
+                sinks: st.vector(rng, cfg.num_attention_heads, 0.0, 1.0),
+            });
+        }
+        RandomModel { cfg, store: st, embed, lm_head, norm, layers }
+    }
+
+    fn weights(&self) -> ModelWeights<'_> {
+        let s = &self.store;
+        let layers = self
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, ls)| LayerWeights {
+                input_norm: s.vec_view("in_norm", ls.in_norm),
+                q: s.lin(&format!("l{l}.q"), &ls.q),
+                k: s.lin(&format!("l{l}.k"), &ls.k),
+                v: s.lin(&format!("l{l}.v"), &ls.v),
+                o: s.lin(&format!("l{l}.o"), &ls.o),
+                sinks: s.vec_view("sinks", ls.sinks),
+                post_norm: s.vec_view("post_norm", ls.post_norm),
+                router: s.lin(&format!("l{l}.router"), &ls.router),
+                experts: ls
+                    .gu
+                    .iter()
+                    .zip(&ls.dn)
+                    .enumerate()
+                    .map(|(e, (g, d))| Expert {
+                        gate_up: s.lin(&format!("l{l}.gu{e}"), g),
+                        down: s.lin(&format!("l{l}.dn{e}"), d),
+                    })
+                    .collect(),
+                layout: Layout::UnslothSplit,
+            })
+            .collect();
+        ModelWeights {
+            config: &self.cfg,
+            layout: Layout::UnslothSplit,
+            embed: s.matrix("embed", &self.embed),
+            layers,
+            norm: s.vec_view("norm", self.norm),
+            lm_head: s.matrix("lm_head", &self.lm_head),
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Comparison helpers.
+// ------------------------------------------------------------------------------------------
+
+/// max |got - want| / max |want| (NaN or a length mismatch gives infinity).
+fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    if got.len() != want.len() {
+        return f32::INFINITY;
+    }
+    let mut num = 0f32;
+    let mut den = 0f32;
+    for (&g, &w) in got.iter().zip(want) {
+        if !g.is_finite() {
+            return f32::INFINITY;
+        }
+        num = num.max((g - w).abs());
+        den = den.max(w.abs());
+    }
+    num / den.max(1e-30)
+}
+
+fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+struct Checks {
+    rows: Vec<(String, f32, f32)>,
+}
+
+impl Checks {
+    fn new() -> Checks {
+        Checks { rows: Vec::new() }
+    }
+    fn add(&mut self, what: &str, err: f32, tol: f32) {
+        println!("  {what:<48} rel err {err:.3e} (tol {tol:.0e}) {}", if err <= tol { "ok" } else { "FAIL" });
+        self.rows.push((what.into(), err, tol));
+    }
+    fn assert_all(&self) {
+        let bad: Vec<_> = self.rows.iter().filter(|(_, e, t)| e.is_nan() || e > t).collect();
+        assert!(bad.is_empty(), "failed checks: {bad:?}");
+    }
+}
+
+/// Runs layer `l` kernel by kernel on random inputs and checks every stage against the
+/// reference computed from the GPU's own inputs of that stage.
+fn check_layer(be: &mut CudaBackend, w: &ModelWeights<'_>, rng: &mut Rng, l: usize, t: usize, pos0: usize, ck: &mut Checks) {
+    let cfg = w.config;
+    let (h, qd, kvd, nh, nkv, hd) =
+        (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let (kk, inter) = (cfg.num_experts_per_tok, cfg.intermediate_size);
+    let lw = &w.layers[l];
+    let eps = cfg.rms_norm_eps as f32;
+    let tag = format!("layer {l} T={t} pos0={pos0}");
+    let x = rng.vec(t * h, 1.0);
+    let kp = bf16_round(&rng.vec(pos0 * kvd, 2.0));
+    let vp = bf16_round(&rng.vec(pos0 * kvd, 2.0));
+    let tr: LayerTrace = be.debug_layer(l, &x, pos0, &kp, &vp).expect("debug_layer");
+    let positions: Vec<usize> = (pos0..pos0 + t).collect();
+
+    // k_qkv: rmsnorm + q/k/v + RoPE (+ bf16 KV write).
+    let hn = rmsnorm(&x, &lw.input_norm.to_f32(), eps);
+    let rope = Rope::from_config(cfg);
+    let mut q = linear(&hn, t, &lw.q);
+    let mut k = linear(&hn, t, &lw.k);
+    let v = linear(&hn, t, &lw.v);
+    rope.apply_rows(&mut q, &positions);
+    rope.apply_rows(&mut k, &positions);
+    ck.add(&format!("{tag} k_qkv q"), rel_err(&tr.q, &q), 2e-3);
+    ck.add(&format!("{tag} k_qkv k (bf16 cache)"), rel_err(&tr.k_new, &k), 1e-2);
+    ck.add(&format!("{tag} k_qkv v (bf16 cache)"), rel_err(&tr.v_new, &v), 1e-2);
+
+    // k_attn on the GPU's q and cache contents.
+    let window = cfg.is_sliding(l).then_some(cfg.sliding_window);
+    let keys: Vec<f32> = kp.iter().chain(&tr.k_new).copied().collect();
+    let vals: Vec<f32> = vp.iter().chain(&tr.v_new).copied().collect();
+    let sinks = lw.sinks.to_f32();
+    let mut attn = vec![0f32; t * qd];
+    let group = nh / nkv;
+    for i in 0..t {
+        for hq in 0..nh {
+            let g = hq / group;
+            let qi = &tr.q[i * qd + hq * hd..][..hd];
+            let key = |j: usize| &keys[j * kvd + g * hd..][..hd];
+            let value = |j: usize| &vals[j * kvd + g * hd..][..hd];
+            attend(qi, visible_keys(pos0 + i, window), key, value, sinks[hq], 0.125, &mut attn[i * qd + hq * hd..][..hd]);
+        }
+    }
+    ck.add(&format!("{tag} k_attn"), rel_err(&tr.attn, &attn), 2e-3);
+
+    // o_proj + residual.
+    let o = linear(&tr.attn, t, &lw.o);
+    let x_attn: Vec<f32> = x.iter().zip(&o).map(|(a, b)| a + b).collect();
+    ck.add(&format!("{tag} k_linear o_proj+residual"), rel_err(&tr.x_attn, &x_attn), 2e-3);
+
+    // router: rmsnorm + logits + top-k.
+    let hn2 = rmsnorm(&tr.x_attn, &lw.post_norm.to_f32(), eps);
+    ck.add(&format!("{tag} k_linear router: rmsnorm"), rel_err(&tr.h, &hn2), 1e-4);
+    let logits = linear(&tr.h, t, &lw.router);
+    ck.add(&format!("{tag} k_linear router: logits"), rel_err(&tr.router_logits, &logits), 2e-3);
+    let e = cfg.num_local_experts;
+    let mut sel_ok = true;
+    let mut wsel_ref = Vec::new();
+    for i in 0..t {
+        let r = route(&tr.router_logits[i * e..(i + 1) * e], kk);
+        for (j, (ei, we)) in r.iter().enumerate() {
+            sel_ok &= tr.sel[i * kk + j] as usize == *ei;
+            wsel_ref.push(*we);
+        }
+    }
+    ck.add(&format!("{tag} k_linear router: top-k selection"), if sel_ok { 0.0 } else { 1.0 }, 0.0);
+    ck.add(&format!("{tag} k_linear router: softmax weights"), rel_err(&tr.wsel, &wsel_ref), 1e-5);
+
+    // Experts: gate_up + SwiGLU on the GPU's h and selection.
+    let mut act = vec![0f32; t * kk * inter];
+    for i in 0..t {
+        for j in 0..kk {
+            let ex = &lw.experts[tr.sel[i * kk + j] as usize];
+            let gu = linear(&tr.h[i * h..(i + 1) * h], 1, &ex.gate_up);
+            swiglu(&gu, gptoss_formats::config::SWIGLU_ALPHA, cfg.swiglu_limit as f32, &mut act[(i * kk + j) * inter..][..inter]);
+        }
+    }
+    ck.add(&format!("{tag} k_moe_gu ({})", lw.experts[0].gate_up.weight.kind()), rel_err(&tr.act, &act), 2e-3);
+
+    // down + weighted sum + residual on the GPU's act.
+    let mut x_out = tr.x_attn.clone();
+    for i in 0..t {
+        for j in 0..kk {
+            let ex = &lw.experts[tr.sel[i * kk + j] as usize];
+            let y = linear(&tr.act[(i * kk + j) * inter..][..inter], 1, &ex.down);
+            for (xo, yv) in x_out[i * h..(i + 1) * h].iter_mut().zip(&y) {
+                *xo += tr.wsel[i * kk + j] * yv;
+            }
+        }
+    }
+    ck.add(&format!("{tag} k_moe_dn ({})", lw.experts[0].down.weight.kind()), rel_err(&tr.x_out, &x_out), 2e-3);
+}
+
+fn step(seq: u64, tokens: Vec<u32>, start_pos: usize, want: LogitsWanted) -> StepBatch {
+    StepBatch { steps: vec![SeqStep { seq, tokens, start_pos, want_logits: want }] }
+}
+
+// ------------------------------------------------------------------------------------------
+// Tests.
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn open_without_gpu_is_an_error_not_a_panic() {
+    if gptoss_cuda::gpu_available() {
+        println!("NOTICE: a GPU is present; the no-GPU error path is not exercised");
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-unsloth-nf4");
+    match CudaBackend::open(&dir, CudaOptions::default()) {
+        Err(BackendError::Failed(msg)) => {
+            println!("error as expected: {msg}");
+            assert!(msg.contains("CUDA") || msg.contains("GPU"));
+        }
+        Err(e) => panic!("unexpected error kind: {e}"),
+        Ok(_) => panic!("opened without a GPU"),
+    }
+}
+
+#[test]
+fn kernels_match_reference_at_20b_shapes() {
+    if !gpu_or_skip("kernels_match_reference_at_20b_shapes") {
+        return;
+    }
+    let mut rng = Rng::fresh();
+    let t0 = Instant::now();
+    let rm = RandomModel::new(
+        &mut rng,
+        &[
+            (Kind::Bf16, Kind::Bf16, Kind::Bf16, Kind::Bf16, Kind::Nf4Nested),
+            (Kind::Nf4Nested, Kind::Nf4F32, Kind::F16, Kind::F32, Kind::Mxfp4),
+        ],
+    );
+    let w = rm.weights();
+    println!("random 2-layer 20b-width model built in {:.1} s", t0.elapsed().as_secs_f64());
+    let mut be = CudaBackend::from_weights(&w, CudaOptions { max_context: 8192, ..CudaOptions::default() }).unwrap();
+    println!("device: {:?}", be.device());
+    let mut ck = Checks::new();
+    check_layer(&mut be, &w, &mut rng, 0, 1, 300, &mut ck);
+    check_layer(&mut be, &w, &mut rng, 0, 3, 126, &mut ck);
+    check_layer(&mut be, &w, &mut rng, 1, 1, 4100, &mut ck);
+    check_layer(&mut be, &w, &mut rng, 1, 4, 777, &mut ck);
+    check_layer(&mut be, &w, &mut rng, 1, 1, 0, &mut ck);
+
+    // Whole model (embedding, both layers, final norm, lm_head, argmax) vs the reference.
+    let reference = ReferenceModel::new(w.clone());
+    let mut cache = reference.new_cache();
+    let vocab = rm.cfg.vocab_size;
+    let prompt: Vec<u32> = (0..9).map(|_| (rng.u64() % vocab as u64) as u32).collect();
+    let pos: Vec<usize> = (0..prompt.len()).collect();
+    let want = reference.forward(&prompt, &pos, &mut cache).unwrap();
+    let got = be.forward(&step(1, prompt.clone(), 0, LogitsWanted::All)).unwrap();
+    ck.add("model: prompt logits (9 tokens, chunks 4+4+1)", rel_err(got.step(0), &want), 1e-2);
+    let mut tok = argmax(&want[(prompt.len() - 1) * vocab..]) as u32;
+    let mut agree = 0;
+    let steps = 8;
+    for s in 0..steps {
+        let p = prompt.len() + s;
+        let want = reference.forward(&[tok], &[p], &mut cache).unwrap();
+        let got = be.forward(&step(1, vec![tok], p, LogitsWanted::Last)).unwrap();
+        ck.add(&format!("model: decode step {s} logits"), rel_err(got.step(0), &want), 1e-2);
+        agree += usize::from(argmax(got.step(0)) == argmax(&want));
+        tok = argmax(&want) as u32;
+    }
+    println!("  greedy agreement {agree}/{steps}");
+    ck.assert_all();
+}
+
+fn fixture_dirs() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+    ["tiny-unsloth-nf4", "tiny-mxfp4", "tiny-bf16", "tiny-fused-nf4"]
+        .iter()
+        .map(|n| root.join(n))
+        .filter(|p| p.join("config.json").exists())
+        .collect()
+}
+
+#[test]
+fn fixtures_match_cpu_backend() {
+    if !gpu_or_skip("fixtures_match_cpu_backend") {
+        return;
+    }
+    let mut ck = Checks::new();
+    for dir in fixture_dirs() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let mut cpu = CpuBackend::open(&dir).unwrap();
+        let mut gpu = match CudaBackend::open(&dir, CudaOptions::default()) {
+            Ok(g) => g,
+            Err(e) => panic!("{name}: {e}"),
+        };
+        let vocab = cpu.config().vocab_size;
+        let prompt: Vec<u32> = (0..7u32).map(|i| (i * 37 + 11) % vocab as u32).collect();
+        let want = cpu.forward(&step(1, prompt.clone(), 0, LogitsWanted::All)).unwrap();
+        let got = gpu.forward(&step(1, prompt.clone(), 0, LogitsWanted::All)).unwrap();
+        let mut worst = rel_err(got.step(0), want.step(0));
+        let mut tok = argmax(want.last(0)) as u32;
+        let mut cpu_tokens = vec![tok];
+        let mut agree = 0;
+        let n = 32;
+        for s in 0..n {
+            let p = prompt.len() + s;
+            let want = cpu.forward(&step(1, vec![tok], p, LogitsWanted::Last)).unwrap();
+            let got = gpu.forward(&step(1, vec![tok], p, LogitsWanted::Last)).unwrap();
+            worst = worst.max(rel_err(got.step(0), want.step(0)));
+            agree += usize::from(argmax(got.step(0)) == argmax(want.step(0)));
+            tok = argmax(want.step(0)) as u32;
+            cpu_tokens.push(tok);
+        }
+        ck.add(&format!("{name}: logits, 7-token prompt + {n} decode steps"), worst, 1e-2);
+        ck.add(&format!("{name}: greedy agreement {agree}/{n}"), (n - agree) as f32, 0.0);
+        // The greedy path (CUDA graph + on-GPU argmax, only token ids copied back).
+        let mut g = gpu.prefill_greedy(2, &prompt).unwrap();
+        let mut gpu_tokens = vec![g];
+        for _ in 0..n {
+            g = gpu.decode_greedy(2, g).unwrap();
+            gpu_tokens.push(g);
+        }
+        let same = gpu_tokens.iter().zip(&cpu_tokens).take_while(|(a, b)| a == b).count();
+        ck.add(&format!("{name}: graph greedy chain matches CPU ({same}/{})", n + 1), (n + 1 - same) as f32, 0.0);
+        // Contract checks.
+        assert!(matches!(
+            gpu.forward(&step(1, vec![1], 3, LogitsWanted::Last)),
+            Err(BackendError::PositionMismatch { .. })
+        ));
+        gpu.release(1);
+        assert_eq!(gpu.cached_len(1), None);
+        let again = gpu.forward(&step(1, prompt.clone(), 0, LogitsWanted::Last)).unwrap();
+        let cpu2 = CpuBackend::open(&dir).unwrap().forward(&step(9, prompt.clone(), 0, LogitsWanted::Last)).unwrap();
+        ck.add(&format!("{name}: after release, prompt again"), rel_err(again.step(0), cpu2.step(0)), 1e-2);
+    }
+    ck.assert_all();
+}
+
+#[test]
+fn synthetic_20b_checkpoint() {
+    let Ok(dir) = std::env::var("GPTOSS_SYNTH20B") else {
+        println!("NOTICE: GPTOSS_SYNTH20B not set; skipping the full-size synthetic 20b test");
+        return;
+    };
+    if !gpu_or_skip("synthetic_20b_checkpoint") {
+        return;
+    }
+    let t0 = Instant::now();
+    let mut be = CudaBackend::open(Path::new(&dir), CudaOptions { max_context: 16384, ..CudaOptions::default() }).unwrap();
+    println!(
+        "loaded {dir} in {:.2} s ({:.2} GB of weights on the GPU)",
+        t0.elapsed().as_secs_f64(),
+        be.load_report().weight_bytes as f64 / 1e9
+    );
+    let ckpt = Checkpoint::open(Path::new(&dir)).unwrap();
+    let w = ModelWeights::new(&ckpt).unwrap();
+    let mut rng = Rng::fresh();
+    let mut ck = Checks::new();
+    check_layer(&mut be, &w, &mut rng, 0, 1, 200, &mut ck);
+    check_layer(&mut be, &w, &mut rng, 1, 1, 3000, &mut ck);
+    check_layer(&mut be, &w, &mut rng, 23, 4, 50, &mut ck);
+    // A prompt longer than 8192 tokens (the sliding window wraps its ring thousands of times).
+    let n = 8300;
+    let prompt: Vec<u32> = (0..n).map(|_| (rng.u64() % 200000) as u32).collect();
+    let t1 = Instant::now();
+    let first = be.prefill_greedy(7, &prompt).unwrap();
+    let secs = t1.elapsed().as_secs_f64();
+    println!("prefill of {n} tokens: {secs:.2} s ({:.0} tok/s), next token {first}", n as f64 / secs);
+    let got = be.forward(&step(7, vec![first], n, LogitsWanted::Last)).unwrap();
+    let finite = got.step(0).iter().all(|x| x.is_finite());
+    ck.add("8300-token prompt: logits finite", if finite { 0.0 } else { 1.0 }, 0.0);
+    ck.assert_all();
+}
