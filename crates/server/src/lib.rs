@@ -22,6 +22,7 @@ pub mod demo;
 pub mod errors;
 pub mod handlers;
 pub mod harmony_bridge;
+pub mod launch;
 pub mod metrics;
 pub mod responses;
 pub mod sse;

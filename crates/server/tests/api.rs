@@ -68,7 +68,7 @@ async fn chat_plain_and_streamed_agree_on_the_cpu_backend() {
     assert!(["stop", "length"].contains(&finish), "{finish}");
     let usage = &v["usage"];
     let completion = usage["completion_tokens"].as_u64().unwrap();
-    assert!(completion >= 1 && completion <= 10);
+    assert!((1..=10).contains(&completion));
     assert_eq!(
         usage["total_tokens"].as_u64().unwrap(),
         usage["prompt_tokens"].as_u64().unwrap() + completion

@@ -144,7 +144,12 @@ pub async fn cpu_server(opts: Opts) -> TestServer {
 /// call forced by `tool_choice` (the script starts with the forced header); tools declared → a
 /// tool call; otherwise reasoning then an answer.
 pub fn script_for(prompt_text: &str) -> String {
-    if prompt_text.contains("functions.get_weather to=assistant") {
+    if prompt_text.contains("LONG") {
+        format!(
+            "<|channel|>final<|message|>{}<|return|>",
+            "word ".repeat(600)
+        )
+    } else if prompt_text.contains("functions.get_weather to=assistant") {
         "<|channel|>analysis<|message|>The tool says sunny.<|end|><|start|>assistant<|channel|>final<|message|>It is sunny in Paris.<|return|>".into()
     } else if prompt_text.contains("FORCE") {
         "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Rome\"}<|call|>".into()
