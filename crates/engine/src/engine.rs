@@ -675,11 +675,19 @@ impl Worker {
         }
     }
 
-    /// Runs the batch; on failure, runs each step alone to find the culprit(s), which fail.
+    /// Runs the batch; on failure, runs each step alone to find the culprit(s), which fail. A
+    /// panicking backend fails every request of the batch (their caches are released, since
+    /// the backend may have been interrupted half-way) but does not take the engine down.
     fn forward(&mut self, batch: &StepBatch) -> Vec<Option<Vec<f32>>> {
-        match self.backend.forward(batch) {
+        match self.guarded_forward(batch) {
             Ok(l) => l.into_steps().into_iter().map(Some).collect(),
-            Err(e) if batch.steps.len() == 1 => {
+            Err((e, true)) => {
+                for st in &batch.steps {
+                    self.fail_seq(st.seq, &e);
+                }
+                vec![None; batch.steps.len()]
+            }
+            Err((e, false)) if batch.steps.len() == 1 => {
                 self.fail_seq(batch.steps[0].seq, &e);
                 vec![None]
             }
@@ -690,15 +698,34 @@ impl Worker {
                     let one = StepBatch {
                         steps: vec![st.clone()],
                     };
-                    match self.backend.forward(&one) {
+                    match self.guarded_forward(&one) {
                         Ok(l) => Some(Logits::into_steps(l).pop().unwrap_or_default()),
-                        Err(e) => {
+                        Err((e, _)) => {
                             self.fail_seq(st.seq, &e);
                             None
                         }
                     }
                 })
                 .collect(),
+        }
+    }
+
+    /// `Backend::forward`, with a panic turned into an error (flagged `true`).
+    fn guarded_forward(&mut self, batch: &StepBatch) -> Result<Logits, (BackendError, bool)> {
+        let backend = &mut self.backend;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| backend.forward(batch))) {
+            Ok(r) => r.map_err(|e| (e, false)),
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err((
+                    BackendError::Failed(format!("the backend panicked: {msg}")),
+                    true,
+                ))
+            }
         }
     }
 
@@ -805,17 +832,18 @@ impl Worker {
                 });
                 r.unfinished -= 1;
                 let done = r.unfinished == 0;
+                self.drop_seq(seq);
                 if done {
+                    let mut r = self.requests.remove(&request).expect("request");
                     let usage = Usage {
                         prompt_tokens: r.prompt_tokens,
                         completion_tokens: r.completion_tokens,
                     };
-                    r.sink.send(RequestEvent::Done { usage });
-                    self.requests.remove(&request);
                     self.stats_delta.requests_finished += 1;
-                }
-                self.drop_seq(seq);
-                if done {
+                    // Counters first: whoever sees `Done` sees its request counted and its
+                    // blocks freed.
+                    self.publish_stats();
+                    r.sink.send(RequestEvent::Done { usage });
                     return;
                 }
             }

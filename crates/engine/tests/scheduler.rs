@@ -389,6 +389,9 @@ fn stop_strings_stop_tokens_and_length() {
     assert!(h.submit_channel(r).is_err());
 }
 
+/// A prompt token that makes [`Scripted`] panic.
+const PANIC_TOKEN: u32 = 4242;
+
 // ---- Fake backends ----------------------------------------------------------------------------
 
 /// A backend that emits a fixed continuation after the prompt (the scripted tokens, then
@@ -422,6 +425,9 @@ impl Backend for Scripted {
             }
             if s.tokens.contains(&self.poison) {
                 return Err(BackendError::InvalidInput("poisoned".into()));
+            }
+            if s.tokens.contains(&PANIC_TOKEN) {
+                panic!("scripted backend told to panic");
             }
         }
         let vocab = self.cfg.vocab_size;
@@ -606,4 +612,25 @@ fn shutdown_ends_requests_in_flight() {
     assert!(matches!(last, Some(RequestEvent::Error { .. })), "{last:?}");
     assert!(!h.is_running());
     assert!(h.submit_channel(Request::new(vec![1])).is_err());
+}
+
+#[test]
+fn a_panicking_backend_fails_its_batch_but_the_engine_keeps_serving() {
+    let (engine, live) = scripted_engine(vec![10, 11, 12], 3, u32::MAX);
+    let h = engine.handle();
+    let mut r = Request::new(vec![1, PANIC_TOKEN, 3]);
+    r.max_tokens = 3;
+    let (_, rx) = h.submit_channel(r).unwrap();
+    match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+        RequestEvent::Error { message } => assert!(message.contains("panicked"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    wait_idle(&h);
+    assert!(h.is_running());
+    let mut r = Request::new(vec![1, 2, 3]);
+    r.max_tokens = 3;
+    let (_, rx) = h.submit_channel(r).unwrap();
+    assert_eq!(collect(&rx, 1).0[0].tokens, [10, 11, 12]);
+    wait_idle(&h);
+    assert_eq!(*live.lock().unwrap(), 0);
 }

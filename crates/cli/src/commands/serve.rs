@@ -16,6 +16,9 @@ use gptoss_server::launch::{ServeOptions, serve_blocking};
 
 use crate::generation::{Device, open_backend};
 
+/// Default context of the demo model.
+const DEMO_MAX_MODEL_LEN: usize = 4096;
+
 /// Flags of `serve`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -29,7 +32,7 @@ pub struct Args {
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
     /// Longest sequence (prompt + completion) in tokens. Default: the model's context, lowered
-    /// to what the KV cache holds.
+    /// to what the KV cache holds (4096 for the demo model).
     #[arg(long)]
     pub max_model_len: Option<usize>,
     /// Most sequences processed at once.
@@ -95,6 +98,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             (ensure_demo_model()?, vec![DEMO_MODEL_NAME.to_string()])
         }
     };
+    let is_demo = a.model.is_none();
     let backend = open_backend(&dir, a.device)?;
     if a.enforce_eager && backend.name() != "cuda" {
         eprintln!(
@@ -117,7 +121,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         max_body_bytes: a.max_body_mb.max(1) << 20,
         shutdown_timeout: Duration::from_secs(a.shutdown_timeout),
         engine: EngineOptions {
-            max_model_len: a.max_model_len,
+            // The demo model writes nonsense until a length limit: keep its context short.
+            max_model_len: a.max_model_len.or(is_demo.then_some(DEMO_MAX_MODEL_LEN)),
             max_num_seqs: a.max_num_seqs,
             max_num_batched_tokens: a.max_num_batched_tokens,
             max_prefill_chunk: a.max_prefill_chunk,
