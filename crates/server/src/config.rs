@@ -103,3 +103,70 @@ pub fn plan_engine(
         notices,
     ))
 }
+
+/// The KV-cache budget on a GPU, vLLM's rule: `utilization × total − weights − reserve` (the
+/// reserve covers activations and workspace, measured by a profiling forward pass). Fails when
+/// nothing is left.
+pub fn gpu_kv_budget(
+    total_bytes: u64,
+    utilization: f64,
+    weights_bytes: u64,
+    reserve_bytes: u64,
+) -> Result<u64, String> {
+    if utilization.is_nan() || utilization <= 0.0 || utilization > 1.0 {
+        return Err(format!(
+            "--gpu-memory-utilization must be in (0, 1], got {utilization}"
+        ));
+    }
+    let usable = (total_bytes as f64 * utilization) as u64;
+    usable
+        .checked_sub(weights_bytes + reserve_bytes)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| {
+            format!(
+                "no GPU memory left for the KV cache: {:.2} GiB usable ({utilization} of {:.2} GiB), \
+                 {:.2} GiB of weights, {:.2} GiB reserved for activations; raise \
+                 --gpu-memory-utilization or use a smaller model",
+                usable as f64 / (1u64 << 30) as f64,
+                total_bytes as f64 / (1u64 << 30) as f64,
+                weights_bytes as f64 / (1u64 << 30) as f64,
+                reserve_bytes as f64 / (1u64 << 30) as f64,
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budgets() {
+        let g = 1u64 << 30;
+        assert_eq!(gpu_kv_budget(80 * g, 0.5, 13 * g, g).unwrap(), 26 * g);
+        assert!(gpu_kv_budget(80 * g, 0.1, 13 * g, g).is_err());
+        assert!(gpu_kv_budget(80 * g, 1.5, 13 * g, g).is_err());
+        let model = crate::testing::tiny_config();
+        let (cfg, notices) = plan_engine(
+            &model,
+            &EngineOptions {
+                kv_budget_bytes: 8 << 20,
+                ..EngineOptions::default()
+            },
+        )
+        .unwrap();
+        // 8 MiB cannot hold the model's 131072 tokens: the context is lowered, with a notice.
+        assert!(cfg.max_model_len < model.max_position_embeddings);
+        assert_eq!(notices.len(), 1);
+        assert!(
+            cfg.kv
+                .check_fits(cfg.max_model_len, cfg.scheduler.max_prefill_chunk)
+                .is_ok()
+        );
+        assert!(cfg.kv.total_bytes() <= 8 << 20);
+        let too_long = EngineOptions {
+            max_model_len: Some(1 << 20),
+            ..EngineOptions::default()
+        };
+        assert!(plan_engine(&model, &too_long).is_err());
+    }
+}
