@@ -20,23 +20,35 @@ use gptoss_formats::synth::{Preset, SynthLayout, synth, synth_config_json};
 use gptoss_formats::writer::WriteOptions;
 use gptoss_model::tokenizer::Tokenizer;
 
-/// The tiny model, written once per test binary.
+/// The tiny model, synthesised once under the cargo target's test scratch folder and reused by
+/// later runs (written to a temporary folder and renamed, so parallel binaries are safe).
 fn tiny_dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("gptoss-sched-tiny")
-            .tempdir()
-            .unwrap()
-            .keep();
+        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let dir = root.join("tiny-nf4-seed0-v1");
+        if dir.join("config.json").is_file() {
+            return dir;
+        }
+        let tmp = tempfile::Builder::new()
+            .prefix("tiny-nf4-seed0.tmp")
+            .tempdir_in(&root)
+            .unwrap();
+        let out = tmp.path().join("model");
         synth(
             Preset::Tiny,
             SynthLayout::UnslothNf4,
             0,
-            &dir,
+            &out,
             WriteOptions::default(),
         )
         .unwrap();
+        if std::fs::rename(&out, &dir).is_err() {
+            assert!(
+                dir.join("config.json").is_file(),
+                "cannot place the tiny model"
+            );
+        }
         dir
     })
 }
