@@ -29,6 +29,8 @@ enum Command {
     Chat(commands::chat::Args),
     /// Write the logits of a token sequence to a safetensors file.
     Logits(commands::logits::Args),
+    /// Serve an OpenAI-compatible HTTP API (chat, completions, responses) with continuous batching.
+    Serve(commands::serve::Args),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +42,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => commands::generate::run(a),
         Command::Chat(a) => commands::chat::run(a),
         Command::Logits(a) => commands::logits::run(a),
+        Command::Serve(a) => commands::serve::run(a),
     };
     match result {
         Ok(code) => code,

@@ -5,6 +5,7 @@ pub mod convert;
 pub mod generate;
 pub mod inspect;
 pub mod logits;
+pub mod serve;
 pub mod synth;
 
 use std::time::Duration;
