@@ -8,12 +8,14 @@
 //         (full layers) or j % ring (sliding layers); sinks f32 [nh]; out [T, nh*64] f32.
 //   Query t at position p sees keys j in [lo, p], lo = max(0, p - window + 1) on sliding layers
 //   (128 keys including itself), 0 otherwise. The keys are split into `active` chunks of
-//   `chunk` keys (chunk = max(64, ceil(n/smax) rounded up to 64)); block (g, s, t) runs an online
+//   `chunk` keys (chunk = max(64, ceil(n/smax) rounded up to 64), or one chunk when n <= 128:
+//   then the block finishes alone, without partials); block (g, s, t) runs an online
 //   softmax over chunk s in tiles of 64 keys (K/V tiles staged in shared memory; lane l scores
 //   keys l and l+32 of a tile, then accumulates dims 2l, 2l+1 of the output) and writes the
 //   partial (max, sum, unnormalised o[64]) of each of its heads. The last block of (t, g) to
 //   finish (atomic counter, reset afterwards) combines the partials in split order with the sink
 //   logit (in the max and the denominator only, not scaled): deterministic, one pass over K/V.
+//   All threads of the grid first prefetch the layer's o_proj and router weights into L2.
 
 #include "common.cuh"
 
@@ -29,6 +31,14 @@ extern "C" __global__ void __launch_bounds__(256) k_attn(const LayerDev* L, cons
     const unsigned* Vs = reinterpret_cast<const unsigned*>(Vs4);
 
     const int g = blockIdx.x, s = blockIdx.y, t = blockIdx.z;
+    {
+        // This kernel reads little: let the whole grid stream the layer's o_proj and router
+        // weights into L2 for the next two kernels.
+        size_t nthreads = (size_t)gridDim.x * gridDim.y * gridDim.z * blockDim.x;
+        size_t tid = (((size_t)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
+        prefetch_matrix(L->o, tid, nthreads);
+        prefetch_matrix(L->router, tid, nthreads);
+    }
     if (t >= sp->T) return;
     const int G = nh / nkv;
     const int p = sp->pos0 + t;
@@ -37,6 +47,7 @@ extern "C" __global__ void __launch_bounds__(256) k_attn(const LayerDev* L, cons
     const int nkeys = p - lo + 1;
     int chunk = (nkeys + smax - 1) / smax;
     chunk = max(TILE, (chunk + TILE - 1) / TILE * TILE);
+    if (nkeys <= 2 * TILE) chunk = 2 * TILE;  // one block per KV head: no combine step
     const int active = (nkeys + chunk - 1) / chunk;
     if (s >= active) return;
     const int kb = lo + s * chunk;
@@ -100,6 +111,17 @@ extern "C" __global__ void __launch_bounds__(256) k_attn(const LayerDev* L, cons
             }
             m_run = m_new;
         }
+    }
+    if (active == 1) {
+        if (hw) {
+            const float sink = L->sinks[hq];
+            float M = fmaxf(m_run, sink);
+            float f = __expf(m_run - M);
+            float inv = f / fmaf(l_run, f, __expf(sink - M));
+            out[(size_t)t * nh * HEAD_DIM + hq * HEAD_DIM + 2 * lane] = o0 * inv;
+            out[(size_t)t * nh * HEAD_DIM + hq * HEAD_DIM + 2 * lane + 1] = o1 * inv;
+        }
+        return;
     }
     if (hw) {
         float* pp = part + ((size_t)(t * nh + hq) * smax + s) * PART;

@@ -35,6 +35,7 @@
 #define MAX_LAYERS 64
 #define WARPS 8         // warps per block of the GEMV kernels
 #define HEAD_DIM 64
+#define PF 2          // units prefetched ahead by the GEMV kernels
 
 #define K_BF16 0
 #define K_F16 1
@@ -128,14 +129,12 @@ __device__ __forceinline__ float warp_max(float v) {
 __constant__ float FP4_VALUES[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
                                      -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 
-// The 256-entry pair table of a 4-bit matrix: lut[byte] = (first element, second element).
-__device__ __forceinline__ void build_lut(float2* lut, const QMat& m) {
-    for (int b = threadIdx.x; b < 256; b += blockDim.x) {
-        if (m.kind == K_NF4N || m.kind == K_NF4F) {
-            lut[b] = make_float2(__ldg(m.code + (b >> 4)), __ldg(m.code + (b & 15)));
-        } else if (m.kind == K_MXFP4) {
-            lut[b] = make_float2(FP4_VALUES[b & 15], FP4_VALUES[b >> 4]);
-        }
+// The 16-entry value table of a 4-bit matrix in shared memory (NF4/FP4: the tensor's code;
+// MXFP4: E2M1). 16 words in 16 banks: a warp's lookups never conflict.
+__device__ __forceinline__ void build_lut(float* lut, const QMat& m) {
+    if (threadIdx.x < 16) {
+        if (m.kind == K_NF4N || m.kind == K_NF4F) lut[threadIdx.x] = __ldg(m.code + threadIdx.x);
+        else if (m.kind == K_MXFP4) lut[threadIdx.x] = FP4_VALUES[threadIdx.x];
     }
 }
 
@@ -170,31 +169,64 @@ __device__ __forceinline__ float qmat_elem(const QMat& m, long long r, int c) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// L2 prefetch (fire and forget: no registers held). The GEMV kernels prefetch the rows of their
+// next units before computing the current one, so HBM keeps streaming through the prologue and
+// the per-unit load latency becomes L2 latency.
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void pf_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
+__device__ __forceinline__ size_t row_bytes(const QMat& m) {
+    return (m.kind == K_BF16 || m.kind == K_F16) ? (size_t)m.cols * 2
+                                                  : (m.kind == K_F32 ? (size_t)m.cols * 4 : (size_t)(m.cols >> 1));
+}
+__device__ __forceinline__ size_t scale_row_bytes(const QMat& m) {
+    return m.kind == K_NF4N ? (size_t)(m.cols >> 6)
+                            : (m.kind == K_NF4F ? (size_t)(m.cols >> 6) * 4 : (m.kind == K_MXFP4 ? (size_t)(m.cols >> 5) : 0));
+}
+// Rows [r, r + n) of m (weights and scales), spread over the 32 lanes of a warp.
+__device__ __forceinline__ void prefetch_rows(const QMat& m, int r, int n, int lane) {
+    size_t rb = row_bytes(m);
+    const unsigned char* p = m.w + (size_t)r * rb;
+    for (size_t off = (size_t)lane * 128; off < rb * n; off += 32 * 128) pf_l2(p + off);
+    size_t sb = scale_row_bytes(m);
+    if (sb) {
+        const unsigned char* q = m.s + (size_t)r * sb;
+        for (size_t off = (size_t)lane * 128; off < sb * n; off += 32 * 128) pf_l2(q + off);
+    }
+}
+// The whole matrix, spread over nthreads threads.
+__device__ __forceinline__ void prefetch_matrix(const QMat& m, size_t tid, size_t nthreads) {
+    size_t total = row_bytes(m) * m.rows;
+    for (size_t off = tid * 128; off < total; off += nthreads * 128) pf_l2(m.w + off);
+    size_t st = scale_row_bytes(m) * m.rows;
+    for (size_t off = tid * 128; off < st; off += nthreads * 128) pf_l2(m.s + off);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Warp dot products: NR rows of one matrix against NT activation vectors held in shared memory
 // in the padded layout (vector t at xs + t*xstride). Every lane of the warp gets the totals.
 // Each lane owns 16-byte chunks c = lane, lane+32, ... of each row; U chunks per row are loaded
-// before any is used.
+// before any is used; activations are read once per chunk and used for all NR rows.
 // ---------------------------------------------------------------------------------------------
 
-#define UNROLL (NR == 2 ? 3 : 4)
-
-template <int NR, int NT>
+template <int NR, int NT, int U>
 __device__ __forceinline__ void dot_dense16(const QMat& m, const int (&rows)[NR], const float* xs, int xstride,
                                             float (&acc)[NR][NT], int lane, bool f16) {
     const int nch = m.cols >> 3;  // 8 elements per chunk
     const uint4* base[NR];
 #pragma unroll
     for (int i = 0; i < NR; i++) base[i] = reinterpret_cast<const uint4*>(m.w + (size_t)rows[i] * m.cols * 2);
-    for (int c0 = lane; c0 < nch; c0 += 32 * UNROLL) {
-        uint4 v[NR][UNROLL];
+    for (int c0 = lane; c0 < nch; c0 += 32 * U) {
+        uint4 v[NR][U];
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
+        for (int u = 0; u < U; u++) {
             int c = c0 + 32 * u;
 #pragma unroll
             for (int i = 0; i < NR; i++) v[i][u] = c < nch ? ldg16(base[i] + c) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
+        for (int u = 0; u < U; u++) {
             int c = c0 + 32 * u;
             if (c < nch) {
                 const float* xp = xs + (c >> 2) * 36 + (c & 3) * 8;
@@ -225,23 +257,23 @@ __device__ __forceinline__ void dot_dense16(const QMat& m, const int (&rows)[NR]
     }
 }
 
-template <int NR, int NT>
+template <int NR, int NT, int U>
 __device__ __forceinline__ void dot_f32(const QMat& m, const int (&rows)[NR], const float* xs, int xstride,
                                         float (&acc)[NR][NT], int lane) {
     const int nch = m.cols >> 2;  // 4 elements per chunk
     const uint4* base[NR];
 #pragma unroll
     for (int i = 0; i < NR; i++) base[i] = reinterpret_cast<const uint4*>(m.w + (size_t)rows[i] * m.cols * 4);
-    for (int c0 = lane; c0 < nch; c0 += 32 * UNROLL) {
-        uint4 v[NR][UNROLL];
+    for (int c0 = lane; c0 < nch; c0 += 32 * U) {
+        uint4 v[NR][U];
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
+        for (int u = 0; u < U; u++) {
             int c = c0 + 32 * u;
 #pragma unroll
             for (int i = 0; i < NR; i++) v[i][u] = c < nch ? ldg16(base[i] + c) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
+        for (int u = 0; u < U; u++) {
             int c = c0 + 32 * u;
             if (c < nch) {
                 const float* xp = xs + (c >> 3) * 36 + (c & 7) * 4;
@@ -265,20 +297,21 @@ __device__ __forceinline__ void dot_f32(const QMat& m, const int (&rows)[NR], co
 }
 
 // 4-bit kinds (NF4 with or without nesting, MXFP4): 16-byte chunk = 32 elements, one scale per
-// chunk (NF4: the scale of 64-block c/2; MXFP4: the scale of 32-block c).
-template <int NR, int NT>
+// chunk (NF4: the scale of 64-block c/2; MXFP4: the scale of 32-block c). MXFP4 words have their
+// nibbles swapped first so that both kinds put element 2j in the high nibble of byte j.
+template <int NR, int NT, int U>
 __device__ __forceinline__ void dot_q4(const QMat& m, const int (&rows)[NR], const float* xs, int xstride,
-                                       const float2* lut, float (&acc)[NR][NT], int lane) {
+                                       const float* lut, float (&acc)[NR][NT], int lane) {
     const int nch = m.cols >> 5;
     const bool mx = m.kind == K_MXFP4;
     const uint4* base[NR];
 #pragma unroll
     for (int i = 0; i < NR; i++) base[i] = reinterpret_cast<const uint4*>(m.w + (size_t)rows[i] * (m.cols >> 1));
-    for (int c0 = lane; c0 < nch; c0 += 32 * UNROLL) {
-        uint4 v[NR][UNROLL];
-        float sc[NR][UNROLL];
+    for (int c0 = lane; c0 < nch; c0 += 32 * U) {
+        uint4 v[NR][U];
+        float sc[NR][U];
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
+        for (int u = 0; u < U; u++) {
             int c = c0 + 32 * u;
 #pragma unroll
             for (int i = 0; i < NR; i++) {
@@ -291,56 +324,64 @@ __device__ __forceinline__ void dot_q4(const QMat& m, const int (&rows)[NR], con
             }
         }
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
+        for (int u = 0; u < U; u++) {
             int c = c0 + 32 * u;
             if (c < nch) {
                 const float* xp0 = xs + c * 36;
+                float part[NR][NT];
 #pragma unroll
-                for (int i = 0; i < NR; i++) {
-                    float part[NT];
+                for (int i = 0; i < NR; i++)
 #pragma unroll
-                    for (int t = 0; t < NT; t++) part[t] = 0.f;
-                    const unsigned words[4] = {v[i][u].x, v[i][u].y, v[i][u].z, v[i][u].w};
+                    for (int t = 0; t < NT; t++) part[i][t] = 0.f;
 #pragma unroll
-                    for (int q = 0; q < 4; q++) {
-                        unsigned w = words[q];
-                        float2 p0 = lut[w & 0xffu];
-                        float2 p1 = lut[(w >> 8) & 0xffu];
-                        float2 p2 = lut[(w >> 16) & 0xffu];
-                        float2 p3 = lut[w >> 24];
+                for (int q = 0; q < 4; q++) {
+                    float4 xa[NT], xb[NT];
 #pragma unroll
-                        for (int t = 0; t < NT; t++) {
-                            const float* xp = xp0 + t * xstride + q * 8;
-                            float4 xa = *reinterpret_cast<const float4*>(xp);
-                            float4 xb = *reinterpret_cast<const float4*>(xp + 4);
-                            float a = part[t];
-                            a = fmaf(p0.x, xa.x, a); a = fmaf(p0.y, xa.y, a);
-                            a = fmaf(p1.x, xa.z, a); a = fmaf(p1.y, xa.w, a);
-                            a = fmaf(p2.x, xb.x, a); a = fmaf(p2.y, xb.y, a);
-                            a = fmaf(p3.x, xb.z, a); a = fmaf(p3.y, xb.w, a);
-                            part[t] = a;
-                        }
+                    for (int t = 0; t < NT; t++) {
+                        xa[t] = *reinterpret_cast<const float4*>(xp0 + t * xstride + q * 8);
+                        xb[t] = *reinterpret_cast<const float4*>(xp0 + t * xstride + q * 8 + 4);
                     }
 #pragma unroll
-                    for (int t = 0; t < NT; t++) acc[i][t] = fmaf(part[t], sc[i][u], acc[i][t]);
+                    for (int i = 0; i < NR; i++) {
+                        unsigned w = q == 0 ? v[i][u].x : (q == 1 ? v[i][u].y : (q == 2 ? v[i][u].z : v[i][u].w));
+                        if (mx) w = ((w & 0x0f0f0f0fu) << 4) | ((w >> 4) & 0x0f0f0f0fu);
+                        float e0 = lut[(w >> 4) & 15u], e1 = lut[w & 15u];
+                        float e2 = lut[(w >> 12) & 15u], e3 = lut[(w >> 8) & 15u];
+                        float e4 = lut[(w >> 20) & 15u], e5 = lut[(w >> 16) & 15u];
+                        float e6 = lut[w >> 28], e7 = lut[(w >> 24) & 15u];
+#pragma unroll
+                        for (int t = 0; t < NT; t++) {
+                            float a = part[i][t];
+                            a = fmaf(e0, xa[t].x, a); a = fmaf(e1, xa[t].y, a);
+                            a = fmaf(e2, xa[t].z, a); a = fmaf(e3, xa[t].w, a);
+                            a = fmaf(e4, xb[t].x, a); a = fmaf(e5, xb[t].y, a);
+                            a = fmaf(e6, xb[t].z, a); a = fmaf(e7, xb[t].w, a);
+                            part[i][t] = a;
+                        }
+                    }
                 }
+#pragma unroll
+                for (int i = 0; i < NR; i++)
+#pragma unroll
+                    for (int t = 0; t < NT; t++) acc[i][t] = fmaf(part[i][t], sc[i][u], acc[i][t]);
             }
         }
     }
 }
 
-template <int NR, int NT>
+// UD / UQ: chunks per row loaded ahead for dense / 4-bit rows.
+template <int NR, int NT, int UD, int UQ>
 __device__ __forceinline__ void warp_dot(const QMat& m, const int (&rows)[NR], const float* xs, int xstride,
-                                         const float2* lut, float (&acc)[NR][NT], int lane) {
+                                         const float* lut, float (&acc)[NR][NT], int lane) {
 #pragma unroll
     for (int i = 0; i < NR; i++)
 #pragma unroll
         for (int t = 0; t < NT; t++) acc[i][t] = 0.f;
     switch (m.kind) {
-        case K_BF16: dot_dense16<NR, NT>(m, rows, xs, xstride, acc, lane, false); break;
-        case K_F16: dot_dense16<NR, NT>(m, rows, xs, xstride, acc, lane, true); break;
-        case K_F32: dot_f32<NR, NT>(m, rows, xs, xstride, acc, lane); break;
-        default: dot_q4<NR, NT>(m, rows, xs, xstride, lut, acc, lane); break;
+        case K_BF16: dot_dense16<NR, NT, UD>(m, rows, xs, xstride, acc, lane, false); break;
+        case K_F16: dot_dense16<NR, NT, UD>(m, rows, xs, xstride, acc, lane, true); break;
+        case K_F32: dot_f32<NR, NT, UD>(m, rows, xs, xstride, acc, lane); break;
+        default: dot_q4<NR, NT, UQ>(m, rows, xs, xstride, lut, acc, lane); break;
     }
 #pragma unroll
     for (int i = 0; i < NR; i++)

@@ -8,24 +8,26 @@
 // (SMs x resident blocks). Accumulation is f32 (fmaf); activations are f32.
 //
 // k_embed        grid (T), block 256. x[t, :] = embed[tok[t], :] (f32).
-// k_linear_{1,4} grid (gx), block 256, dyn smem = NT*padded(cols)*4 + 2048 + 256.
+// k_linear_{1,4} grid (gx), block 256, dyn smem = NT*padded(cols)*4 + 512.
 //                out[t, r] (=|+=) W[r, :] . x'[t, :] + b[r] for t < T, r < rows, where x' is x
 //                or rmsnorm(x, norm_w). Flags: F_RESID (add into out), F_ARGMAX (greedy token per
 //                t into idx_out, ties -> lowest index), F_TOPK (router: top-k logits of each t ->
 //                sel/wsel with softmax over the k), F_WRITE_NORMED (block 0 writes x' to aux).
 //                The argmax/top-k run in the last block to finish (atomic counter, reset after),
 //                in a fixed order: deterministic.
-// k_qkv_{1,4}    grid (gx), block 256, dyn smem = NT*padded(H)*4 + 3*2048.
+// k_qkv_{1,4}    grid (gx), block 256, dyn smem = NT*padded(H)*4 + 3*64.
 //                h = rmsnorm(x, in_norm); units = q (nh*32), k (nkv*32), v (nkv*32) row pairs
 //                (r, r+32) of one head: q/k rotated with YaRN RoPE (rotate-half, the f32 cos/sin
 //                tables [pos][32] of the CPU reference), q -> qout [T, nh*64] f32, k/v -> the
 //                layer's bf16 KV cache at slot pos (or pos % ring for sliding layers).
-// k_moe_gu       grid (gx, T*K), block 256, dyn smem = padded(H)*4 + 2048.
-//                job j = (t, k) = (j / K, j % K), expert e = sel[j]; unit i < I = rows (2i, 2i+1)
-//                of gate_up[e] (gate, up interleaved) -> act[j, i] = clamped SwiGLU.
-// k_moe_dn       grid (gx, T), block 256, dyn smem = K*padded(I)*4 + K*2048.
-//                unit r < H: x[t, r] += sum_k wsel[t,k] * (down[sel[t,k]][r, :] . act[t*K+k, :]
-//                + bias[r]) in k order (deterministic, no float atomics).
+// k_moe_gu       grid (gx, T*K), block 256, dyn smem = padded(H)*4 + 64.
+//                job j = (t, k) = (j / K, j % K), expert e = sel[j]; unit u < I/2 = rows 4u..4u+3
+//                of gate_up[e] (gate, up interleaved) -> act[j, 2u], act[j, 2u+1] = clamped SwiGLU.
+// k_moe_dn       grid (gx, T), block 256, dyn smem = K*padded(I)*4 + K*64.
+//                unit u < H/2, rows r = 2u, 2u+1: x[t, r] += sum_k wsel[t,k] * (down[sel[t,k]][r, :]
+//                . act[t*K+k, :] + bias[r]) in k order (deterministic, no float atomics).
+// Every GEMV kernel prefetches (into L2) the rows of its first PF units before its prologue and
+// of unit n+PF while computing unit n.
 
 #include "common.cuh"
 
@@ -85,23 +87,27 @@ __device__ void linear_body(QMat m, const float* x, int ld_in, int T, const floa
     float* smem = reinterpret_cast<float*>(smem4);
     const int xstride = padded_len(m.cols);
     float* xs = smem;
-    float2* lut = reinterpret_cast<float2*>(smem + NT * xstride);
-    float* red = reinterpret_cast<float*>(lut + 256);  // 64 floats
+    float* lut = smem + NT * xstride;  // 16 floats
+    float* red = lut + 64;             // 64 floats
     __shared__ float bv_s[WARPS][NT];
     __shared__ int bi_s[WARPS][NT];
     __shared__ int last_s;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int r0 = blockIdx.x * WARPS + warp, stride = gridDim.x * WARPS;
+    for (int k = 0; k < PF; k++)
+        if (r0 + k * stride < m.rows) prefetch_rows(m, r0 + k * stride, 1, lane);
     build_lut(lut, m);
     load_x<NT>(xs, xstride, x, ld_in, m.cols, T, (flags & F_NORM) ? norm_w : nullptr, eps, red,
                ((flags & F_WRITE_NORMED) && blockIdx.x == 0) ? aux : nullptr);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float best[NT];
     int bidx[NT];
 #pragma unroll
     for (int t = 0; t < NT; t++) { best[t] = -INFINITY; bidx[t] = 0x7fffffff; }
-    for (int r = blockIdx.x * WARPS + warp; r < m.rows; r += gridDim.x * WARPS) {
+    for (int r = r0; r < m.rows; r += stride) {
+        if (r + PF * stride < m.rows) prefetch_rows(m, r + PF * stride, 1, lane);
         int rows[1] = {r};
         float acc[1][NT];
-        warp_dot<1, NT>(m, rows, xs, xstride, lut, acc, lane);
+        warp_dot<1, NT, 8, 3>(m, rows, xs, xstride, lut, acc, lane);
         if (lane == 0) {
             float b = m.bias ? m.bias[r] : 0.f;
 #pragma unroll
@@ -176,33 +182,53 @@ extern "C" __global__ void __launch_bounds__(256) k_linear_4(QMat m, const float
                    topk, sel, wsel);
 }
 
+// Unit u of k_qkv: which matrix (0 q, 1 k, 2 v), the head-local dim d < 32 and the first row.
+__device__ __forceinline__ void qkv_unit(int u, int nq, int nk, int& which, int& d, int& r0) {
+    which = u < nq ? 0 : (u < nq + nk ? 1 : 2);
+    int uu = u - (which == 0 ? 0 : (which == 1 ? nq : nq + nk));
+    d = uu & 31;
+    r0 = (uu >> 5) * HEAD_DIM + d;
+}
+
 template <int NT>
 __device__ void qkv_body(const LayerDev* L, const StepParams* sp, int layer, const float* x, int H, int nh,
                          int nkv, float eps, float* qout, const float* cos_tab, const float* sin_tab) {
     float* smem = reinterpret_cast<float*>(smem4);
     const int xstride = padded_len(H);
     float* xs = smem;
-    float2* luts = reinterpret_cast<float2*>(smem + NT * xstride);  // 3 x 256
+    float* luts = smem + NT * xstride;  // 3 x 16 floats
     __shared__ QMat mats[3];
     __shared__ float red[64];
     if (threadIdx.x == 0) { mats[0] = L->q; mats[1] = L->k; mats[2] = L->v; }
     __syncthreads();
-    for (int j = 0; j < 3; j++) build_lut(luts + 256 * j, mats[j]);
-    const int T = sp->T;
-    load_x<NT>(xs, xstride, x, H, H, T, L->in_norm, eps, red, nullptr);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int nq = nh * 32, nk = nkv * 32;
     const int units = nq + 2 * nk;
+    const int u0 = blockIdx.x * WARPS + warp, stride = gridDim.x * WARPS;
+    for (int k = 0; k < PF; k++) {
+        int u = u0 + k * stride, which, d, r;
+        if (u < units) {
+            qkv_unit(u, nq, nk, which, d, r);
+            prefetch_rows(mats[which], r, 1, lane);
+            prefetch_rows(mats[which], r + 32, 1, lane);
+        }
+    }
+    for (int j = 0; j < 3; j++) build_lut(luts + 16 * j, mats[j]);
+    const int T = sp->T;
+    load_x<NT>(xs, xstride, x, H, H, T, L->in_norm, eps, red, nullptr);
     const int kvd = nkv * HEAD_DIM;
-    for (int u = blockIdx.x * WARPS + warp; u < units; u += gridDim.x * WARPS) {
-        int which = u < nq ? 0 : (u < nq + nk ? 1 : 2);
-        int uu = u - (which == 0 ? 0 : (which == 1 ? nq : nq + nk));
-        int head = uu >> 5, d = uu & 31;
-        int r0 = head * HEAD_DIM + d;
+    for (int u = u0; u < units; u += stride) {
+        int which, d, r0;
+        if (u + PF * stride < units) {
+            qkv_unit(u + PF * stride, nq, nk, which, d, r0);
+            prefetch_rows(mats[which], r0, 1, lane);
+            prefetch_rows(mats[which], r0 + 32, 1, lane);
+        }
+        qkv_unit(u, nq, nk, which, d, r0);
         int rows[2] = {r0, r0 + 32};
         const QMat& m = mats[which];
         float acc[2][NT];
-        warp_dot<2, NT>(m, rows, xs, xstride, luts + 256 * which, acc, lane);
+        warp_dot<2, NT, 4, 3>(m, rows, xs, xstride, luts + 16 * which, acc, lane);
         if (lane == 0) {
             float b0 = m.bias ? m.bias[rows[0]] : 0.f;
             float b1 = m.bias ? m.bias[rows[1]] : 0.f;
@@ -246,7 +272,15 @@ extern "C" __global__ void __launch_bounds__(256) k_qkv_4(const LayerDev* L, con
     qkv_body<4>(L, sp, layer, x, H, nh, nkv, eps, qout, cos_tab, sin_tab);
 }
 
-extern "C" __global__ void __launch_bounds__(256, 3) k_moe_gu(const LayerDev* L, const StepParams* sp, const float* h, int H,
+__device__ __forceinline__ float clamped_swiglu(float g, float u, float alpha, float limit) {
+    g = fminf(g, limit);
+    u = fminf(fmaxf(u, -limit), limit);
+    float glu = g / (1.0f + expf(-alpha * g));
+    return (u + 1.0f) * glu;
+}
+
+// Units of k_moe_gu: 4 rows = 2 (gate, up) pairs -> act[j, 2i4], act[j, 2i4 + 1].
+extern "C" __global__ void __launch_bounds__(256, 2) k_moe_gu(const LayerDev* L, const StepParams* sp, const float* h, int H,
                                          int I, int K, const int* sel, float* act, float alpha, float limit) {
     float* smem = reinterpret_cast<float*>(smem4);
     const int j = blockIdx.y;
@@ -254,30 +288,34 @@ extern "C" __global__ void __launch_bounds__(256, 3) k_moe_gu(const LayerDev* L,
     if (t >= sp->T) return;
     const int xstride = padded_len(H);
     float* xs = smem;
-    float2* lut = reinterpret_cast<float2*>(smem + xstride);
+    float* lut = smem + xstride;
     __shared__ QMat m_s;
     __shared__ float red[64];
     if (threadIdx.x == 0) m_s = L->gu[sel[j]];
     __syncthreads();
     const QMat& m = m_s;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int units = I >> 1;
+    const int u0 = blockIdx.x * WARPS + warp, stride = gridDim.x * WARPS;
+    for (int k = 0; k < PF; k++)
+        if (u0 + k * stride < units) prefetch_rows(m, 4 * (u0 + k * stride), 4, lane);
     build_lut(lut, m);
     load_x<1>(xs, xstride, h + (size_t)t * H, H, H, 1, nullptr, 0.f, red, nullptr);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    for (int i = blockIdx.x * WARPS + warp; i < I; i += gridDim.x * WARPS) {
-        int rows[2] = {2 * i, 2 * i + 1};
-        float acc[2][1];
-        warp_dot<2, 1>(m, rows, xs, xstride, lut, acc, lane);
-        if (lane == 0) {
-            float g = acc[0][0] + (m.bias ? m.bias[2 * i] : 0.f);
-            float u = acc[1][0] + (m.bias ? m.bias[2 * i + 1] : 0.f);
-            g = fminf(g, limit);
-            u = fminf(fmaxf(u, -limit), limit);
-            float glu = g / (1.0f + expf(-alpha * g));
-            act[(size_t)j * I + i] = (u + 1.0f) * glu;
+    for (int u = u0; u < units; u += stride) {
+        if (u + PF * stride < units) prefetch_rows(m, 4 * (u + PF * stride), 4, lane);
+        int rows[4] = {4 * u, 4 * u + 1, 4 * u + 2, 4 * u + 3};
+        float acc[4][1];
+        warp_dot<4, 1, 2, 2>(m, rows, xs, xstride, lut, acc, lane);
+        if (lane < 2) {
+            int rg = 4 * u + 2 * lane;  // lane 0: rows 4u, 4u+1; lane 1: rows 4u+2, 4u+3
+            float gate = (lane == 0 ? acc[0][0] : acc[2][0]) + (m.bias ? m.bias[rg] : 0.f);
+            float up = (lane == 0 ? acc[1][0] : acc[3][0]) + (m.bias ? m.bias[rg + 1] : 0.f);
+            act[(size_t)j * I + 2 * u + lane] = clamped_swiglu(gate, up, alpha, limit);
         }
     }
 }
 
+// Units of k_moe_dn: rows (2u, 2u+1) of the K selected experts' down projections.
 extern "C" __global__ void __launch_bounds__(256) k_moe_dn(const LayerDev* L, const StepParams* sp, const float* act, int H,
                                          int I, int K, const int* sel, const float* wsel, float* x) {
     float* smem = reinterpret_cast<float*>(smem4);
@@ -285,7 +323,7 @@ extern "C" __global__ void __launch_bounds__(256) k_moe_dn(const LayerDev* L, co
     if (t >= sp->T) return;
     const int xstride = padded_len(I);
     float* xs = smem;  // K vectors
-    float2* luts = reinterpret_cast<float2*>(smem + K * xstride);
+    float* luts = smem + K * xstride;  // K x 16 floats
     __shared__ QMat mats[MAXK];
     __shared__ float wk[MAXK];
     __shared__ float red[64];
@@ -294,19 +332,30 @@ extern "C" __global__ void __launch_bounds__(256) k_moe_dn(const LayerDev* L, co
         wk[threadIdx.x] = wsel[t * K + threadIdx.x];
     }
     __syncthreads();
-    for (int k = 0; k < K; k++) build_lut(luts + 256 * k, mats[k]);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int units = H >> 1;
+    const int u0 = blockIdx.x * WARPS + warp, stride = gridDim.x * WARPS;
+    for (int k = 0; k < K; k++)
+        for (int p = 0; p < PF; p++)
+            if (u0 + p * stride < units) prefetch_rows(mats[k], 2 * (u0 + p * stride), 2, lane);
+    for (int k = 0; k < K; k++) build_lut(luts + 16 * k, mats[k]);
     for (int k = 0; k < K; k++)
         load_x<1>(xs + k * xstride, xstride, act + (size_t)(t * K + k) * I, I, I, 1, nullptr, 0.f, red, nullptr);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    for (int r = blockIdx.x * WARPS + warp; r < H; r += gridDim.x * WARPS) {
-        int rows[1] = {r};
-        float total = 0.f;
+    for (int u = u0; u < units; u += stride) {
+        if (u + PF * stride < units)
+            for (int k = 0; k < K; k++) prefetch_rows(mats[k], 2 * (u + PF * stride), 2, lane);
+        int rows[2] = {2 * u, 2 * u + 1};
+        float total0 = 0.f, total1 = 0.f;
         for (int k = 0; k < K; k++) {
-            float acc[1][1];
-            warp_dot<1, 1>(mats[k], rows, xs + k * xstride, xstride, luts + 256 * k, acc, lane);
-            float v = acc[0][0] + (mats[k].bias ? mats[k].bias[r] : 0.f);
-            total = fmaf(wk[k], v, total);
+            float acc[2][1];
+            warp_dot<2, 1, 4, 3>(mats[k], rows, xs + k * xstride, xstride, luts + 16 * k, acc, lane);
+            const float* b = mats[k].bias;
+            total0 = fmaf(wk[k], acc[0][0] + (b ? b[rows[0]] : 0.f), total0);
+            total1 = fmaf(wk[k], acc[1][0] + (b ? b[rows[1]] : 0.f), total1);
         }
-        if (lane == 0) x[(size_t)t * H + r] += total;
+        if (lane == 0) {
+            x[(size_t)t * H + rows[0]] += total0;
+            x[(size_t)t * H + rows[1]] += total1;
+        }
     }
 }

@@ -544,8 +544,14 @@ fn kernels_match_reference_at_20b_shapes() {
     ck.assert_all();
 }
 
+/// `$GPTOSS_FIXTURES`, else `./fixtures` (the repository root, where the GPU machine runs the
+/// test binary), else the source tree's.
 fn fixture_dirs() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+    let root = match std::env::var("GPTOSS_FIXTURES") {
+        Ok(d) => PathBuf::from(d),
+        Err(_) if Path::new("fixtures").is_dir() => PathBuf::from("fixtures"),
+        Err(_) => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"),
+    };
     ["tiny-unsloth-nf4", "tiny-mxfp4", "tiny-bf16", "tiny-fused-nf4"]
         .iter()
         .map(|n| root.join(n))
@@ -559,7 +565,9 @@ fn fixtures_match_cpu_backend() {
         return;
     }
     let mut ck = Checks::new();
-    for dir in fixture_dirs() {
+    let dirs = fixture_dirs();
+    assert!(!dirs.is_empty(), "no fixture checkpoints found (set GPTOSS_FIXTURES)");
+    for dir in dirs {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         let mut cpu = CpuBackend::open(&dir).unwrap();
         let mut gpu = match CudaBackend::open(&dir, CudaOptions::default()) {
