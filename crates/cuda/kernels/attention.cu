@@ -3,8 +3,8 @@
 // already written to the cache by k_qkv).
 //
 // k_attn  grid (nkv, smax, T), block 256 (8 warps; warp w = query head g*G + w of KV head g,
-//         G = nh/nkv <= 8), static smem ~27 KB.
-//   Data: q [T, nh*64] f32 (already rotated); cache K/V bf16 [slot][nkv*64] with slot = j
+//         G = nh/nkv <= 8), static smem ~35 KB.
+//   Data: q [T, nh*64] f32 (already rotated); cache K/V bf16 (f32 when kvf32) [slot][nkv*64], slot = j
 //         (full layers) or j % ring (sliding layers); sinks f32 [nh]; out [T, nh*64] f32.
 //   Query t at position p sees keys j in [lo, p], lo = max(0, p - window + 1) on sliding layers
 //   (128 keys including itself), 0 otherwise. The keys are split into `active` chunks of
@@ -15,7 +15,6 @@
 //   partial (max, sum, unnormalised o[64]) of each of its heads. The last block of (t, g) to
 //   finish (atomic counter, reset afterwards) combines the partials in split order with the sink
 //   logit (in the max and the denominator only, not scaled): deterministic, one pass over K/V.
-//   All threads of the grid first prefetch the layer's o_proj and router weights into L2.
 
 #include "common.cuh"
 
@@ -23,22 +22,20 @@
 #define PART 66  // floats per partial: m, l, o[64]
 
 extern "C" __global__ void __launch_bounds__(256) k_attn(const LayerDev* L, const StepParams* sp, int layer, const float* q,
-                                       float* out, float* part, unsigned* counters, int nh, int nkv, int smax) {
-    __shared__ unsigned Ks[TILE * 33];  // bf16 pairs, rows padded to 33 words
-    __shared__ uint4 Vs4[TILE * 8];     // bf16 [64 keys][64 dims]
+                                       float* out, float* part, unsigned* counters, int nh, int nkv, int smax,
+                                       int kvf32) {
+    // K/V tiles. bf16 cache: K as bf16 pairs [64][33 words], V as bf16 [64][64] (uint4 [64][8]).
+    // f32 cache (kvf32): K f32 [64][65], V f32 [64][64].
+    __shared__ __align__(16) float kv_smem[TILE * 65 + TILE * 64];
     __shared__ float qs[WARPS][HEAD_DIM];
     __shared__ int last_s;
+    unsigned* Ks = reinterpret_cast<unsigned*>(kv_smem);
+    uint4* Vs4 = reinterpret_cast<uint4*>(kv_smem + TILE * 33);
     const unsigned* Vs = reinterpret_cast<const unsigned*>(Vs4);
+    float* Kf = kv_smem;
+    float* Vf = kv_smem + TILE * 65;
 
     const int g = blockIdx.x, s = blockIdx.y, t = blockIdx.z;
-    {
-        // This kernel reads little: let the whole grid stream the layer's o_proj and router
-        // weights into L2 for the next two kernels.
-        size_t nthreads = (size_t)gridDim.x * gridDim.y * gridDim.z * blockDim.x;
-        size_t tid = (((size_t)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
-        prefetch_matrix(L->o, tid, nthreads);
-        prefetch_matrix(L->router, tid, nthreads);
-    }
     if (t >= sp->T) return;
     const int G = nh / nkv;
     const int p = sp->pos0 + t;
@@ -67,31 +64,61 @@ extern "C" __global__ void __launch_bounds__(256) k_attn(const LayerDev* L, cons
     float m_run = -INFINITY, l_run = 0.f, o0 = 0.f, o1 = 0.f;
     for (int ts = kb; ts < ke; ts += TILE) {
         __syncthreads();
-        for (int idx = threadIdx.x; idx < TILE * 8; idx += blockDim.x) {
-            int jj = idx >> 3, part8 = idx & 7;
-            int j = ts + jj;
-            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-            if (j < ke) {
-                size_t slot = ring ? (size_t)(j % ring) : (size_t)j;
-                size_t off = slot * kvd + g * HEAD_DIM + part8 * 8;
-                kv = *reinterpret_cast<const uint4*>(kc + off);
-                vv = *reinterpret_cast<const uint4*>(vc + off);
+        if (kvf32) {
+            const float* kcf = reinterpret_cast<const float*>(sp->kc[layer]);
+            const float* vcf = reinterpret_cast<const float*>(sp->vc[layer]);
+            for (int idx = threadIdx.x; idx < TILE * 16; idx += blockDim.x) {
+                int jj = idx >> 4, p16 = idx & 15;
+                int j = ts + jj;
+                float4 kv = make_float4(0.f, 0.f, 0.f, 0.f), vv = kv;
+                if (j < ke) {
+                    size_t slot = ring ? (size_t)(j % ring) : (size_t)j;
+                    size_t off = slot * kvd + g * HEAD_DIM + p16 * 4;
+                    kv = *reinterpret_cast<const float4*>(kcf + off);
+                    vv = *reinterpret_cast<const float4*>(vcf + off);
+                }
+                float* kr = Kf + jj * 65 + p16 * 4;
+                kr[0] = kv.x; kr[1] = kv.y; kr[2] = kv.z; kr[3] = kv.w;
+                *reinterpret_cast<float4*>(Vf + jj * 64 + p16 * 4) = vv;
             }
-            unsigned* kr = Ks + jj * 33 + part8 * 4;
-            kr[0] = kv.x; kr[1] = kv.y; kr[2] = kv.z; kr[3] = kv.w;
-            Vs4[jj * 8 + part8] = vv;
+        } else {
+            for (int idx = threadIdx.x; idx < TILE * 8; idx += blockDim.x) {
+                int jj = idx >> 3, part8 = idx & 7;
+                int j = ts + jj;
+                uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+                if (j < ke) {
+                    size_t slot = ring ? (size_t)(j % ring) : (size_t)j;
+                    size_t off = slot * kvd + g * HEAD_DIM + part8 * 8;
+                    kv = *reinterpret_cast<const uint4*>(kc + off);
+                    vv = *reinterpret_cast<const uint4*>(vc + off);
+                }
+                unsigned* kr = Ks + jj * 33 + part8 * 4;
+                kr[0] = kv.x; kr[1] = kv.y; kr[2] = kv.z; kr[3] = kv.w;
+                Vs4[jj * 8 + part8] = vv;
+            }
         }
         __syncthreads();
         if (hw) {
             float s0 = 0.f, s1 = 0.f;
-            const unsigned* k0 = Ks + lane * 33;
-            const unsigned* k1 = Ks + (lane + 32) * 33;
+            if (kvf32) {
+                const float* k0 = Kf + lane * 65;
+                const float* k1 = Kf + (lane + 32) * 65;
+#pragma unroll 16
+                for (int d = 0; d < HEAD_DIM; d++) {
+                    float qd = qs[warp][d];
+                    s0 = fmaf(qd, k0[d], s0);
+                    s1 = fmaf(qd, k1[d], s1);
+                }
+            } else {
+                const unsigned* k0 = Ks + lane * 33;
+                const unsigned* k1 = Ks + (lane + 32) * 33;
 #pragma unroll
-            for (int d2 = 0; d2 < 32; d2++) {
-                float qa = qs[warp][2 * d2], qb = qs[warp][2 * d2 + 1];
-                unsigned w0 = k0[d2], w1 = k1[d2];
-                s0 = fmaf(qa, bf_lo(w0), s0); s0 = fmaf(qb, bf_hi(w0), s0);
-                s1 = fmaf(qa, bf_lo(w1), s1); s1 = fmaf(qb, bf_hi(w1), s1);
+                for (int d2 = 0; d2 < 32; d2++) {
+                    float qa = qs[warp][2 * d2], qb = qs[warp][2 * d2 + 1];
+                    unsigned w0 = k0[d2], w1 = k1[d2];
+                    s0 = fmaf(qa, bf_lo(w0), s0); s0 = fmaf(qb, bf_hi(w0), s0);
+                    s1 = fmaf(qa, bf_lo(w1), s1); s1 = fmaf(qb, bf_hi(w1), s1);
+                }
             }
             if (ts + lane >= ke) s0 = -INFINITY;
             if (ts + lane + 32 >= ke) s1 = -INFINITY;
@@ -101,13 +128,25 @@ extern "C" __global__ void __launch_bounds__(256) k_attn(const LayerDev* L, cons
             l_run = l_run * corr + warp_sum(p0 + p1);
             o0 *= corr;
             o1 *= corr;
+            if (kvf32) {
 #pragma unroll 8
-            for (int jj = 0; jj < 32; jj++) {
-                float pa = __shfl_sync(0xffffffffu, p0, jj);
-                float pb = __shfl_sync(0xffffffffu, p1, jj);
-                unsigned va = Vs[jj * 32 + lane], vb = Vs[(jj + 32) * 32 + lane];
-                o0 = fmaf(pa, bf_lo(va), o0); o0 = fmaf(pb, bf_lo(vb), o0);
-                o1 = fmaf(pa, bf_hi(va), o1); o1 = fmaf(pb, bf_hi(vb), o1);
+                for (int jj = 0; jj < 32; jj++) {
+                    float pa = __shfl_sync(0xffffffffu, p0, jj);
+                    float pb = __shfl_sync(0xffffffffu, p1, jj);
+                    float2 va = *reinterpret_cast<const float2*>(Vf + jj * 64 + 2 * lane);
+                    float2 vb = *reinterpret_cast<const float2*>(Vf + (jj + 32) * 64 + 2 * lane);
+                    o0 = fmaf(pa, va.x, o0); o0 = fmaf(pb, vb.x, o0);
+                    o1 = fmaf(pa, va.y, o1); o1 = fmaf(pb, vb.y, o1);
+                }
+            } else {
+#pragma unroll 8
+                for (int jj = 0; jj < 32; jj++) {
+                    float pa = __shfl_sync(0xffffffffu, p0, jj);
+                    float pb = __shfl_sync(0xffffffffu, p1, jj);
+                    unsigned va = Vs[jj * 32 + lane], vb = Vs[(jj + 32) * 32 + lane];
+                    o0 = fmaf(pa, bf_lo(va), o0); o0 = fmaf(pb, bf_lo(vb), o0);
+                    o1 = fmaf(pa, bf_hi(va), o1); o1 = fmaf(pb, bf_hi(vb), o1);
+                }
             }
             m_run = m_new;
         }

@@ -389,41 +389,98 @@ __device__ __forceinline__ void warp_dot(const QMat& m, const int (&rows)[NR], c
         for (int t = 0; t < NT; t++) acc[i][t] = warp_sum(acc[i][t]);
 }
 
-// Loads rows t < T of x ([T, n] f32, row stride ld) into the padded layout (rows T..NT-1 zeroed),
-// optionally RMS-normalised with weight w: x / sqrt(mean(x^2) + eps) * w. `red` is a scratch of
-// at least 32 floats. When `normed_out` is non-null, the normalised rows are also written there
-// unpadded ([T, n]). Ends with __syncthreads().
-template <int NT>
-__device__ __forceinline__ void load_x(float* xs, int xstride, const float* x, int ld, int n, int T,
-                                       const float* w, float eps, float* red, float* normed_out) {
-    for (int t = 0; t < NT; t++) {
-        float inv = 1.f;
-        if (t < T && w != nullptr) {
-            float ss = 0.f;
-            for (int i = threadIdx.x; i < n; i += blockDim.x) {
-                float v = x[(size_t)t * ld + i];
-                ss = fmaf(v, v, ss);
-            }
-            ss = warp_sum(ss);
-            if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
-            __syncthreads();
-            if (threadIdx.x < 32) {
-                float v = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : 0.f;
-                v = warp_sum(v);
-                if (threadIdx.x == 0) red[32] = v;
-            }
-            __syncthreads();
-            inv = 1.0f / sqrtf(red[32] / (float)n + eps);
-            __syncthreads();
+// Loads nrows contiguous rows of n floats (row r at src + r*n; n % 4 == 0, 16-byte aligned) into
+// the padded layout (row r at xs + r*xstride) and zeroes rows nrows..nzero-1. B float4 per
+// thread are loaded before any is stored, so the prologue costs one memory latency, not one per
+// element. Does not synchronise. B = float4 loads per thread per batch.
+template <int B>
+__device__ __forceinline__ void load_rows(float* xs, int xstride, const float* src, int nrows, int nzero, int n) {
+    const int n4 = n >> 2, tot = nrows * n4;
+    const float4* s4 = reinterpret_cast<const float4*>(src);
+    for (int base = 0; base < tot; base += B * blockDim.x) {
+        float4 v[B];
+#pragma unroll
+        for (int k = 0; k < B; k++) {
+            int e = base + threadIdx.x + k * blockDim.x;
+            if (e < tot) v[k] = s4[e];
         }
-        for (int i = threadIdx.x; i < n; i += blockDim.x) {
-            float v = 0.f;
-            if (t < T) {
-                v = x[(size_t)t * ld + i];
-                if (w != nullptr) v = w[i] * (v * inv);
-                if (normed_out != nullptr) normed_out[(size_t)t * n + i] = v;
+#pragma unroll
+        for (int k = 0; k < B; k++) {
+            int e = base + threadIdx.x + k * blockDim.x;
+            if (e < tot) {
+                int r = e / n4, i4 = e - r * n4;
+                *reinterpret_cast<float4*>(xs + r * xstride + padx(4 * i4)) = v[k];
             }
-            xs[t * xstride + padx(i)] = v;
+        }
+    }
+    for (int e = threadIdx.x; e < (nzero - nrows) * n4; e += blockDim.x) {
+        int r = nrows + e / n4, i4 = e % n4;
+        *reinterpret_cast<float4*>(xs + r * xstride + padx(4 * i4)) = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+}
+
+// Loads rows t < T of x ([T, n] f32, contiguous rows) into the padded layout (rows T..NT-1
+// zeroed), optionally RMS-normalised with weight w: x / sqrt(mean(x^2) + eps) * w. `red` is a
+// scratch of at least 64 floats. When `normed_out` is non-null, the normalised rows are also
+// written there unpadded ([T, n]). Ends with __syncthreads().
+template <int NT>
+__device__ __forceinline__ void load_x(float* xs, int xstride, const float* x, int n, int T, const float* w,
+                                       float eps, float* red, float* normed_out) {
+    const int n4 = n >> 2;
+    // Issue the norm weights' loads first (n <= 4096: at most 4 float4 per thread).
+    float4 wv[4];
+    const bool fast = w != nullptr && n4 <= 4 * (int)blockDim.x;
+    if (fast) {
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            int i = threadIdx.x + k * blockDim.x;
+            wv[k] = i < n4 ? reinterpret_cast<const float4*>(w)[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    }
+    load_rows<4>(xs, xstride, x, T, NT, n);
+    __syncthreads();
+    if (w == nullptr) return;
+    // Sum of squares of every row (from shared memory), one block reduction for all rows.
+    float ss[NT];
+#pragma unroll
+    for (int t = 0; t < NT; t++) ss[t] = 0.f;
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            float4 v = *reinterpret_cast<const float4*>(xs + t * xstride + padx(4 * i));
+            ss[t] = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, ss[t]))));
+        }
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        float v = warp_sum(ss[t]);
+        if (lane == 0) red[warp * NT + t] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < NT) {
+        float v = 0.f;
+        for (int w2 = 0; w2 < (int)(blockDim.x >> 5); w2++) v += red[w2 * NT + threadIdx.x];
+        red[48 + threadIdx.x] = 1.0f / sqrtf(v / (float)n + eps);
+    }
+    __syncthreads();
+    for (int t = 0; t < T; t++) {
+        const float inv = red[48 + t];
+        auto scale = [&](int i, float4 g) {
+            float4* p = reinterpret_cast<float4*>(xs + t * xstride + padx(4 * i));
+            float4 v = *p;
+            v = make_float4(g.x * (v.x * inv), g.y * (v.y * inv), g.z * (v.z * inv), g.w * (v.w * inv));
+            *p = v;
+            if (normed_out != nullptr) reinterpret_cast<float4*>(normed_out + (size_t)t * n)[i] = v;
+        };
+        if (fast) {
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                int i = threadIdx.x + k * blockDim.x;
+                if (i < n4) scale(i, wv[k]);
+            }
+        } else {
+            for (int i = threadIdx.x; i < n4; i += blockDim.x) scale(i, reinterpret_cast<const float4*>(w)[i]);
         }
     }
     __syncthreads();

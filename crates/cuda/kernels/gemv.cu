@@ -19,7 +19,8 @@
 //                h = rmsnorm(x, in_norm); units = q (nh*32), k (nkv*32), v (nkv*32) row pairs
 //                (r, r+32) of one head: q/k rotated with YaRN RoPE (rotate-half, the f32 cos/sin
 //                tables [pos][32] of the CPU reference), q -> qout [T, nh*64] f32, k/v -> the
-//                layer's bf16 KV cache at slot pos (or pos % ring for sliding layers).
+//                layer's KV cache (bf16, or f32 when kvf32) at slot pos (pos % ring on sliding
+//                layers).
 // k_moe_gu       grid (gx, T*K), block 256, dyn smem = padded(H)*4 + 64.
 //                job j = (t, k) = (j / K, j % K), expert e = sel[j]; unit u < I/2 = rows 4u..4u+3
 //                of gate_up[e] (gate, up interleaved) -> act[j, 2u], act[j, 2u+1] = clamped SwiGLU.
@@ -27,7 +28,8 @@
 //                unit u < H/2, rows r = 2u, 2u+1: x[t, r] += sum_k wsel[t,k] * (down[sel[t,k]][r, :]
 //                . act[t*K+k, :] + bias[r]) in k order (deterministic, no float atomics).
 // Every GEMV kernel prefetches (into L2) the rows of its first PF units before its prologue and
-// of unit n+PF while computing unit n.
+// of unit n+PF while computing unit n (k_linear only for matrices of <= 8 rows per warp), and
+// loads its activations with all loads in flight at once.
 
 #include "common.cuh"
 
@@ -94,17 +96,18 @@ __device__ void linear_body(QMat m, const float* x, int ld_in, int T, const floa
     __shared__ int last_s;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int r0 = blockIdx.x * WARPS + warp, stride = gridDim.x * WARPS;
+    const bool pf = m.rows <= 8 * stride;  // big matrices (lm_head) stream well without
     for (int k = 0; k < PF; k++)
-        if (r0 + k * stride < m.rows) prefetch_rows(m, r0 + k * stride, 1, lane);
+        if (pf && r0 + k * stride < m.rows) prefetch_rows(m, r0 + k * stride, 1, lane);
     build_lut(lut, m);
-    load_x<NT>(xs, xstride, x, ld_in, m.cols, T, (flags & F_NORM) ? norm_w : nullptr, eps, red,
+    load_x<NT>(xs, xstride, x, m.cols, T, (flags & F_NORM) ? norm_w : nullptr, eps, red,
                ((flags & F_WRITE_NORMED) && blockIdx.x == 0) ? aux : nullptr);
     float best[NT];
     int bidx[NT];
 #pragma unroll
     for (int t = 0; t < NT; t++) { best[t] = -INFINITY; bidx[t] = 0x7fffffff; }
     for (int r = r0; r < m.rows; r += stride) {
-        if (r + PF * stride < m.rows) prefetch_rows(m, r + PF * stride, 1, lane);
+        if (pf && r + PF * stride < m.rows) prefetch_rows(m, r + PF * stride, 1, lane);
         int rows[1] = {r};
         float acc[1][NT];
         warp_dot<1, NT, 8, 3>(m, rows, xs, xstride, lut, acc, lane);
@@ -192,7 +195,7 @@ __device__ __forceinline__ void qkv_unit(int u, int nq, int nk, int& which, int&
 
 template <int NT>
 __device__ void qkv_body(const LayerDev* L, const StepParams* sp, int layer, const float* x, int H, int nh,
-                         int nkv, float eps, float* qout, const float* cos_tab, const float* sin_tab) {
+                         int nkv, float eps, float* qout, const float* cos_tab, const float* sin_tab, int kvf32) {
     float* smem = reinterpret_cast<float*>(smem4);
     const int xstride = padded_len(H);
     float* xs = smem;
@@ -215,7 +218,7 @@ __device__ void qkv_body(const LayerDev* L, const StepParams* sp, int layer, con
     }
     for (int j = 0; j < 3; j++) build_lut(luts + 16 * j, mats[j]);
     const int T = sp->T;
-    load_x<NT>(xs, xstride, x, H, H, T, L->in_norm, eps, red, nullptr);
+    load_x<NT>(xs, xstride, x, H, T, L->in_norm, eps, red, nullptr);
     const int kvd = nkv * HEAD_DIM;
     for (int u = u0; u < units; u += stride) {
         int which, d, r0;
@@ -249,10 +252,16 @@ __device__ void qkv_body(const LayerDev* L, const StepParams* sp, int layer, con
                         qout[(size_t)t * nh * HEAD_DIM + rows[1]] = c;
                     } else {
                         int slot = L->ring ? pos % L->ring : pos;
-                        unsigned short* cache =
-                            reinterpret_cast<unsigned short*>(which == 1 ? sp->kc[layer] : sp->vc[layer]);
-                        cache[(size_t)slot * kvd + rows[0]] = f2bf(a);
-                        cache[(size_t)slot * kvd + rows[1]] = f2bf(c);
+                        unsigned long long base = which == 1 ? sp->kc[layer] : sp->vc[layer];
+                        if (kvf32) {
+                            float* cache = reinterpret_cast<float*>(base);
+                            cache[(size_t)slot * kvd + rows[0]] = a;
+                            cache[(size_t)slot * kvd + rows[1]] = c;
+                        } else {
+                            unsigned short* cache = reinterpret_cast<unsigned short*>(base);
+                            cache[(size_t)slot * kvd + rows[0]] = f2bf(a);
+                            cache[(size_t)slot * kvd + rows[1]] = f2bf(c);
+                        }
                     }
                 }
             }
@@ -262,14 +271,14 @@ __device__ void qkv_body(const LayerDev* L, const StepParams* sp, int layer, con
 
 extern "C" __global__ void __launch_bounds__(256, 3) k_qkv_1(const LayerDev* L, const StepParams* sp, int layer, const float* x,
                                         int H, int nh, int nkv, float eps, float* qout, const float* cos_tab,
-                                        const float* sin_tab) {
-    qkv_body<1>(L, sp, layer, x, H, nh, nkv, eps, qout, cos_tab, sin_tab);
+                                        const float* sin_tab, int kvf32) {
+    qkv_body<1>(L, sp, layer, x, H, nh, nkv, eps, qout, cos_tab, sin_tab, kvf32);
 }
 
 extern "C" __global__ void __launch_bounds__(256) k_qkv_4(const LayerDev* L, const StepParams* sp, int layer, const float* x,
                                         int H, int nh, int nkv, float eps, float* qout, const float* cos_tab,
-                                        const float* sin_tab) {
-    qkv_body<4>(L, sp, layer, x, H, nh, nkv, eps, qout, cos_tab, sin_tab);
+                                        const float* sin_tab, int kvf32) {
+    qkv_body<4>(L, sp, layer, x, H, nh, nkv, eps, qout, cos_tab, sin_tab, kvf32);
 }
 
 __device__ __forceinline__ float clamped_swiglu(float g, float u, float alpha, float limit) {
@@ -300,7 +309,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) k_moe_gu(const LayerDev* L,
     for (int k = 0; k < PF; k++)
         if (u0 + k * stride < units) prefetch_rows(m, 4 * (u0 + k * stride), 4, lane);
     build_lut(lut, m);
-    load_x<1>(xs, xstride, h + (size_t)t * H, H, H, 1, nullptr, 0.f, red, nullptr);
+    load_x<1>(xs, xstride, h + (size_t)t * H, H, 1, nullptr, 0.f, red, nullptr);
     for (int u = u0; u < units; u += stride) {
         if (u + PF * stride < units) prefetch_rows(m, 4 * (u + PF * stride), 4, lane);
         int rows[4] = {4 * u, 4 * u + 1, 4 * u + 2, 4 * u + 3};
@@ -326,7 +335,6 @@ extern "C" __global__ void __launch_bounds__(256) k_moe_dn(const LayerDev* L, co
     float* luts = smem + K * xstride;  // K x 16 floats
     __shared__ QMat mats[MAXK];
     __shared__ float wk[MAXK];
-    __shared__ float red[64];
     if (threadIdx.x < K) {
         mats[threadIdx.x] = L->dn[sel[t * K + threadIdx.x]];
         wk[threadIdx.x] = wsel[t * K + threadIdx.x];
@@ -339,8 +347,8 @@ extern "C" __global__ void __launch_bounds__(256) k_moe_dn(const LayerDev* L, co
         for (int p = 0; p < PF; p++)
             if (u0 + p * stride < units) prefetch_rows(mats[k], 2 * (u0 + p * stride), 2, lane);
     for (int k = 0; k < K; k++) build_lut(luts + 16 * k, mats[k]);
-    for (int k = 0; k < K; k++)
-        load_x<1>(xs + k * xstride, xstride, act + (size_t)(t * K + k) * I, I, I, 1, nullptr, 0.f, red, nullptr);
+    load_rows<12>(xs, xstride, act + (size_t)t * K * I, K, K, I);  // the K rows are contiguous
+    __syncthreads();
     for (int u = u0; u < units; u += stride) {
         if (u + PF * stride < units)
             for (int k = 0; k < K; k++) prefetch_rows(mats[k], 2 * (u + PF * stride), 2, lane);

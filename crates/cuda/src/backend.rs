@@ -35,11 +35,14 @@ pub struct CudaOptions {
     pub enforce_eager: bool,
     /// The most tokens one batch may feed.
     pub max_batch_tokens: usize,
+    /// Keep the KV cache in f32 instead of bf16 (twice the cache memory and attention reads;
+    /// bit-for-bit the reference's attention inputs).
+    pub kv_f32: bool,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        CudaOptions { device: 0, max_context: 32768, enforce_eager: false, max_batch_tokens: 65536 }
+        CudaOptions { device: 0, max_context: 32768, enforce_eager: false, max_batch_tokens: 65536, kv_f32: false }
     }
 }
 
@@ -90,7 +93,8 @@ impl Scratch {
     }
 }
 
-/// The KV cache of one sequence: per layer, bf16 K and V of `[slots, kv_dim]`.
+/// The KV cache of one sequence: per layer, K and V of `[slots, kv_dim]` (bf16, or f32 with
+/// [`CudaOptions::kv_f32`]).
 pub(crate) struct SeqCache {
     pub(crate) len: usize,
     /// Slots of the full-attention layers.
@@ -162,6 +166,7 @@ impl CudaBackend {
             eps: cfg.rms_norm_eps as f32,
             alpha: gptoss_formats::config::SWIGLU_ALPHA,
             limit: cfg.swiglu_limit as f32,
+            kv_f32: opts.kv_f32,
         };
         let plan = SmemPlan::new(dims.h, dims.q_dim, dims.inter, dims.k);
         let k = Kernels::load(&gpu, &plan).map_err(failed)?;
@@ -202,7 +207,7 @@ impl CudaBackend {
 
     /// KV-cache bytes a decoded token at context `ctx` reads (bf16 K and V).
     pub fn kv_read_bytes(&self, ctx: usize) -> u64 {
-        let per_pos = (2 * self.dims.kv_dim * 2) as u64;
+        let per_pos = (2 * self.dims.kv_dim * self.dims.kv_elem()) as u64;
         (0..self.dims.layers)
             .map(|l| {
                 let n = if self.cfg.is_sliding(l) { ctx.min(self.cfg.sliding_window) } else { ctx };
@@ -228,7 +233,7 @@ impl CudaBackend {
     }
 
     pub(crate) fn new_cache(&self, cap: usize) -> Result<SeqCache, String> {
-        let slot = self.dims.kv_dim * 2;
+        let slot = self.dims.kv_dim * self.dims.kv_elem();
         let mut k = Vec::new();
         let mut v = Vec::new();
         for l in 0..self.dims.layers {
@@ -245,7 +250,7 @@ impl CudaBackend {
             return Ok(());
         }
         let cap = need.next_power_of_two().max(1024).min(self.model.max_context.next_power_of_two());
-        let slot = self.dims.kv_dim * 2;
+        let slot = self.dims.kv_dim * self.dims.kv_elem();
         let mut old = Vec::new();
         for l in 0..self.dims.layers {
             if self.cfg.is_sliding(l) {

@@ -38,7 +38,7 @@ fn bf16_bits(x: f32) -> u16 {
 impl CudaBackend {
     /// Runs layer `l` on `x` (`[T, H]`, T <= MAXT) at positions `pos0..`, over a fresh cache
     /// whose positions `0..pos0` of layer `l` hold `k_prefix` / `v_prefix` (`[pos0, kv_dim]`,
-    /// rounded to bf16), kernel by kernel.
+    /// rounded to bf16 unless the cache is f32), kernel by kernel.
     #[doc(hidden)]
     pub fn debug_layer(
         &mut self,
@@ -66,17 +66,20 @@ impl CudaBackend {
             let slot = |j: usize| if sliding { j % ring } else { j };
             let slots = if sliding { ring } else { cap };
             for (prefix, buf) in [(k_prefix, &c.k[l]), (v_prefix, &c.v[l])] {
-                let mut host = vec![0u16; slots * d.kv_dim];
+                let mut host = vec![0f32; slots * d.kv_dim];
                 for j in 0..pos0 {
                     if sliding && j + ring < pos0 {
                         continue;
                     }
                     let s = slot(j);
-                    for (h, &v) in host[s * d.kv_dim..(s + 1) * d.kv_dim].iter_mut().zip(&prefix[j * d.kv_dim..]) {
-                        *h = bf16_bits(v);
-                    }
+                    host[s * d.kv_dim..(s + 1) * d.kv_dim].copy_from_slice(&prefix[j * d.kv_dim..(j + 1) * d.kv_dim]);
                 }
-                self.gpu.upload(buf.ptr, &host)?;
+                if d.kv_f32 {
+                    self.gpu.upload(buf.ptr, &host)?;
+                } else {
+                    let bits: Vec<u16> = host.iter().map(|&v| bf16_bits(v)).collect();
+                    self.gpu.upload(buf.ptr, &bits)?;
+                }
             }
             let sp = self.params(&c, &vec![0u32; t], pos0);
             self.gpu.upload(self.scratch.sp.ptr, std::slice::from_ref(&sp))?;
@@ -95,9 +98,16 @@ impl CudaBackend {
             tr.q = get(sc.q.ptr, t * d.q_dim)?;
             for ti in 0..t {
                 for (buf, out) in [(&c.k[l], &mut tr.k_new), (&c.v[l], &mut tr.v_new)] {
-                    let mut bits = vec![0u16; d.kv_dim];
-                    self.gpu.download(&mut bits, buf.at(slot(pos0 + ti) * d.kv_dim * 2))?;
-                    out.extend(bits.iter().map(|&b| half::bf16::from_bits(b).to_f32()));
+                    let at = buf.at(slot(pos0 + ti) * d.kv_dim * d.kv_elem());
+                    if d.kv_f32 {
+                        let mut v = vec![0f32; d.kv_dim];
+                        self.gpu.download(&mut v, at)?;
+                        out.extend(v);
+                    } else {
+                        let mut bits = vec![0u16; d.kv_dim];
+                        self.gpu.download(&mut bits, at)?;
+                        out.extend(bits.iter().map(|&b| half::bf16::from_bits(b).to_f32()));
+                    }
                 }
             }
             k.attn(s, ld, sc.sp.ptr, l, sc.q.ptr, sc.attn.ptr, sc.part.ptr, sc.counters.ptr, &d, t)?;

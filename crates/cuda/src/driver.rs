@@ -46,8 +46,9 @@ pub fn probe(ordinal: usize) -> Result<(), String> {
 
 /// The context, the one stream all work goes to, and the device's properties.
 pub struct Gpu {
-    pub ctx: Arc<CudaContext>,
+    // Declared (so dropped) before `ctx`: the stream must be destroyed while the context lives.
     pub stream: Stream,
+    pub ctx: Arc<CudaContext>,
     pub info: DeviceInfo,
 }
 
@@ -90,7 +91,7 @@ impl Gpu {
         };
         let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
             .map_err(|e| cu_err("creating a stream", e))?;
-        Ok(Gpu { ctx, stream: Stream(stream), info })
+        Ok(Gpu { stream: Stream(stream), ctx, info })
     }
 
     /// Makes the context current on the calling thread.

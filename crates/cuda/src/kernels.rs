@@ -278,7 +278,8 @@ impl Kernels {
         let units = dims.nh * 32 + 2 * dims.nkv * 32;
         let grid = self.grid_x(f, smem, units, 1)?;
         let (layer, h, nh, nkv, eps) = (layer as i32, dims.h as i32, dims.nh as i32, dims.nkv as i32, dims.eps);
-        let mut a = args!(layer_dev, sp, layer, x, h, nh, nkv, eps, qout, cos, sin);
+        let kvf32 = i32::from(dims.kv_f32);
+        let mut a = args!(layer_dev, sp, layer, x, h, nh, nkv, eps, qout, cos, sin, kvf32);
         launch(f, (grid, 1, 1), smem, s, &mut a)
     }
 
@@ -298,7 +299,8 @@ impl Kernels {
         t: usize,
     ) -> Result<(), String> {
         let (layer, nh, nkv, smax) = (layer as i32, dims.nh as i32, dims.nkv as i32, SMAX as i32);
-        let mut a = args!(layer_dev, sp, layer, q, out, part, counters, nh, nkv, smax);
+        let kvf32 = i32::from(dims.kv_f32);
+        let mut a = args!(layer_dev, sp, layer, q, out, part, counters, nh, nkv, smax, kvf32);
         launch(self.attn, (dims.nkv as u32, SMAX as u32, t as u32), 0, s, &mut a)
     }
 
@@ -385,6 +387,15 @@ pub struct Dims {
     pub eps: f32,
     pub alpha: f32,
     pub limit: f32,
+    /// KV cache in f32 instead of bf16.
+    pub kv_f32: bool,
+}
+
+impl Dims {
+    /// Bytes of one KV-cache element.
+    pub fn kv_elem(&self) -> usize {
+        if self.kv_f32 { 4 } else { 2 }
+    }
 }
 
 #[cfg(test)]

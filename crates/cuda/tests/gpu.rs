@@ -519,6 +519,13 @@ fn kernels_match_reference_at_20b_shapes() {
     check_layer(&mut be, &w, &mut rng, 1, 1, 4100, &mut ck);
     check_layer(&mut be, &w, &mut rng, 1, 4, 777, &mut ck);
     check_layer(&mut be, &w, &mut rng, 1, 1, 0, &mut ck);
+    {
+        let mut be32 =
+            CudaBackend::from_weights(&w, CudaOptions { max_context: 8192, kv_f32: true, ..CudaOptions::default() }).unwrap();
+        println!("  (f32 KV cache)");
+        check_layer(&mut be32, &w, &mut rng, 1, 1, 4100, &mut ck);
+        check_layer(&mut be32, &w, &mut rng, 0, 4, 300, &mut ck);
+    }
 
     // Whole model (embedding, both layers, final norm, lm_head, argmax) vs the reference.
     let reference = ReferenceModel::new(w.clone());
@@ -559,6 +566,77 @@ fn fixture_dirs() -> Vec<PathBuf> {
         .collect()
 }
 
+/// The reference forward with the KV cache rounded to bf16 (what the GPU stores by default),
+/// built from the reference's own pieces: logits of the last token of each step, feeding
+/// `prompt` then the greedy tokens, `steps` decode steps. Returns (logits per step, tokens fed
+/// after the prompt).
+fn reference_bf16_kv(w: &ModelWeights<'_>, prompt: &[u32], steps: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
+    let cfg = w.config;
+    let (h, qd, kvd, nh, nkv, hd) =
+        (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let rope = Rope::from_config(cfg);
+    let eps = cfg.rms_norm_eps as f32;
+    let reference = ReferenceModel::new(w.clone());
+    let mut kc: Vec<Vec<f32>> = vec![Vec::new(); cfg.num_hidden_layers];
+    let mut vc: Vec<Vec<f32>> = vec![Vec::new(); cfg.num_hidden_layers];
+    let mut logits_out = Vec::new();
+    let mut fed = Vec::new();
+    let mut feed: Vec<u32> = prompt.to_vec();
+    let mut p0 = 0;
+    for _ in 0..=steps {
+        let t = feed.len();
+        let pos: Vec<usize> = (p0..p0 + t).collect();
+        let mut x = reference.embed(&feed).unwrap();
+        for l in 0..cfg.num_hidden_layers {
+            let lw = &w.layers[l];
+            let hn = rmsnorm(&x, &lw.input_norm.to_f32(), eps);
+            let mut q = linear(&hn, t, &lw.q);
+            let mut k = linear(&hn, t, &lw.k);
+            let v = linear(&hn, t, &lw.v);
+            rope.apply_rows(&mut q, &pos);
+            rope.apply_rows(&mut k, &pos);
+            kc[l].extend(bf16_round(&k));
+            vc[l].extend(bf16_round(&v));
+            let window = cfg.is_sliding(l).then_some(cfg.sliding_window);
+            let sinks = lw.sinks.to_f32();
+            let mut o = vec![0f32; t * qd];
+            for i in 0..t {
+                for hq in 0..nh {
+                    let g = hq / (nh / nkv);
+                    let key = |j: usize| &kc[l][j * kvd + g * hd..][..hd];
+                    let value = |j: usize| &vc[l][j * kvd + g * hd..][..hd];
+                    attend(&q[i * qd + hq * hd..][..hd], visible_keys(p0 + i, window), key, value, sinks[hq], 0.125, &mut o[i * qd + hq * hd..][..hd]);
+                }
+            }
+            for (xv, av) in x.iter_mut().zip(linear(&o, t, &lw.o)) {
+                *xv += av;
+            }
+            let hn2 = rmsnorm(&x, &lw.post_norm.to_f32(), eps);
+            let r = linear(&hn2, t, &lw.router);
+            let e = cfg.num_local_experts;
+            for i in 0..t {
+                for (ei, we) in route(&r[i * e..(i + 1) * e], cfg.num_experts_per_tok) {
+                    let ex = &lw.experts[ei];
+                    let gu = linear(&hn2[i * h..(i + 1) * h], 1, &ex.gate_up);
+                    let mut act = vec![0f32; cfg.intermediate_size];
+                    swiglu(&gu, gptoss_formats::config::SWIGLU_ALPHA, cfg.swiglu_limit as f32, &mut act);
+                    for (xv, yv) in x[i * h..(i + 1) * h].iter_mut().zip(linear(&act, 1, &ex.down)) {
+                        *xv += we * yv;
+                    }
+                }
+            }
+        }
+        let last = reference.logits_for(&x[(t - 1) * h..]);
+        let tok = argmax(&last) as u32;
+        logits_out.push(last);
+        fed.push(tok);
+        p0 += t;
+        feed = vec![tok];
+    }
+    fed.pop();
+    (logits_out, fed)
+}
+
 #[test]
 fn fixtures_match_cpu_backend() {
     if !gpu_or_skip("fixtures_match_cpu_backend") {
@@ -567,42 +645,41 @@ fn fixtures_match_cpu_backend() {
     let mut ck = Checks::new();
     let dirs = fixture_dirs();
     assert!(!dirs.is_empty(), "no fixture checkpoints found (set GPTOSS_FIXTURES)");
+    let n = 32;
     for dir in dirs {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         let mut cpu = CpuBackend::open(&dir).unwrap();
-        let mut gpu = match CudaBackend::open(&dir, CudaOptions::default()) {
-            Ok(g) => g,
-            Err(e) => panic!("{name}: {e}"),
-        };
         let vocab = cpu.config().vocab_size;
         let prompt: Vec<u32> = (0..7u32).map(|i| (i * 37 + 11) % vocab as u32).collect();
-        let want = cpu.forward(&step(1, prompt.clone(), 0, LogitsWanted::All)).unwrap();
-        let got = gpu.forward(&step(1, prompt.clone(), 0, LogitsWanted::All)).unwrap();
-        let mut worst = rel_err(got.step(0), want.step(0));
-        let mut tok = argmax(want.last(0)) as u32;
-        let mut cpu_tokens = vec![tok];
-        let mut agree = 0;
-        let n = 32;
+        // The f32 reference (CPU backend): prompt logits, then 32 greedy steps.
+        let mut cpu_logits = vec![cpu.forward(&step(1, prompt.clone(), 0, LogitsWanted::All)).unwrap().step(0).to_vec()];
+        let mut cpu_tokens = vec![argmax(&cpu_logits[0][(prompt.len() - 1) * vocab..]) as u32];
         for s in 0..n {
-            let p = prompt.len() + s;
-            let want = cpu.forward(&step(1, vec![tok], p, LogitsWanted::Last)).unwrap();
-            let got = gpu.forward(&step(1, vec![tok], p, LogitsWanted::Last)).unwrap();
-            worst = worst.max(rel_err(got.step(0), want.step(0)));
-            agree += usize::from(argmax(got.step(0)) == argmax(want.step(0)));
-            tok = argmax(want.step(0)) as u32;
-            cpu_tokens.push(tok);
+            let l = cpu.forward(&step(1, vec![cpu_tokens[s]], prompt.len() + s, LogitsWanted::Last)).unwrap();
+            cpu_tokens.push(argmax(l.step(0)) as u32);
+            cpu_logits.push(l.step(0).to_vec());
         }
-        ck.add(&format!("{name}: logits, 7-token prompt + {n} decode steps"), worst, 1e-2);
-        ck.add(&format!("{name}: greedy agreement {agree}/{n}"), (n - agree) as f32, 0.0);
-        // The greedy path (CUDA graph + on-GPU argmax, only token ids copied back).
+        // GPU with an f32 KV cache: the same computation as the reference.
+        let opts = CudaOptions { kv_f32: true, ..CudaOptions::default() };
+        let mut gpu = CudaBackend::open(&dir, opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let got = gpu.forward(&step(1, prompt.clone(), 0, LogitsWanted::All)).unwrap();
+        let mut worst = rel_err(got.step(0), &cpu_logits[0]);
+        let mut agree = 0;
+        for s in 0..n {
+            let got = gpu.forward(&step(1, vec![cpu_tokens[s]], prompt.len() + s, LogitsWanted::Last)).unwrap();
+            worst = worst.max(rel_err(got.step(0), &cpu_logits[s + 1]));
+            agree += usize::from(argmax(got.step(0)) as u32 == cpu_tokens[s + 1]);
+        }
+        ck.add(&format!("{name} [f32 KV]: logits vs CPU, 7-token prompt + {n} steps"), worst, 1e-2);
+        ck.add(&format!("{name} [f32 KV]: greedy agreement {agree}/{n}"), (n - agree) as f32, 0.0);
         let mut g = gpu.prefill_greedy(2, &prompt).unwrap();
-        let mut gpu_tokens = vec![g];
+        let mut chain = vec![g];
         for _ in 0..n {
             g = gpu.decode_greedy(2, g).unwrap();
-            gpu_tokens.push(g);
+            chain.push(g);
         }
-        let same = gpu_tokens.iter().zip(&cpu_tokens).take_while(|(a, b)| a == b).count();
-        ck.add(&format!("{name}: graph greedy chain matches CPU ({same}/{})", n + 1), (n + 1 - same) as f32, 0.0);
+        let same = chain.iter().zip(&cpu_tokens).take_while(|(a, b)| a == b).count();
+        ck.add(&format!("{name} [f32 KV]: CUDA-graph greedy chain = CPU ({same}/{})", n + 1), (n + 1 - same) as f32, 0.0);
         // Contract checks.
         assert!(matches!(
             gpu.forward(&step(1, vec![1], 3, LogitsWanted::Last)),
@@ -611,8 +688,35 @@ fn fixtures_match_cpu_backend() {
         gpu.release(1);
         assert_eq!(gpu.cached_len(1), None);
         let again = gpu.forward(&step(1, prompt.clone(), 0, LogitsWanted::Last)).unwrap();
-        let cpu2 = CpuBackend::open(&dir).unwrap().forward(&step(9, prompt.clone(), 0, LogitsWanted::Last)).unwrap();
-        ck.add(&format!("{name}: after release, prompt again"), rel_err(again.step(0), cpu2.step(0)), 1e-2);
+        ck.add(&format!("{name} [f32 KV]: after release, prompt again"), rel_err(again.step(0), &cpu_logits[0][(prompt.len() - 1) * vocab..]), 1e-2);
+        drop(gpu);
+
+        // GPU with the default bf16 KV cache, against the reference with bf16-rounded K/V.
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let w = ModelWeights::new(&ckpt).unwrap();
+        let (emu_logits, emu_tokens) = reference_bf16_kv(&w, &prompt, n);
+        let mut gpu = CudaBackend::open(&dir, CudaOptions::default()).unwrap();
+        let got = gpu.forward(&step(1, prompt.clone(), 0, LogitsWanted::Last)).unwrap();
+        let mut worst = rel_err(got.step(0), &emu_logits[0]);
+        let mut worst_f32 = rel_err(got.step(0), &cpu_logits[0][(prompt.len() - 1) * vocab..]);
+        for s in 0..n {
+            let got = gpu.forward(&step(1, vec![emu_tokens[s]], prompt.len() + s, LogitsWanted::Last)).unwrap();
+            worst = worst.max(rel_err(got.step(0), &emu_logits[s + 1]));
+            if emu_tokens[..=s] == cpu_tokens[..=s] {
+                worst_f32 = worst_f32.max(rel_err(got.step(0), &cpu_logits[s + 1]));
+            }
+        }
+        ck.add(&format!("{name} [bf16 KV]: logits vs reference with bf16 K/V"), worst, 1e-3);
+        println!("  {name} [bf16 KV]: logits vs the f32 reference (information): rel err {worst_f32:.3e}");
+        let mut g = gpu.prefill_greedy(2, &prompt).unwrap();
+        let mut chain = vec![g];
+        for _ in 0..n {
+            g = gpu.decode_greedy(2, g).unwrap();
+            chain.push(g);
+        }
+        let emu_chain: Vec<u32> = emu_tokens.iter().copied().chain([argmax(&emu_logits[n]) as u32]).collect();
+        let same = chain.iter().zip(&emu_chain).take_while(|(a, b)| a == b).count();
+        ck.add(&format!("{name} [bf16 KV]: CUDA-graph greedy chain = bf16-KV reference ({same}/{})", n + 1), (n + 1 - same) as f32, 0.0);
     }
     ck.assert_all();
 }
