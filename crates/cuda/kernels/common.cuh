@@ -297,13 +297,15 @@ __device__ __forceinline__ void dot_f32(const QMat& m, const int (&rows)[NR], co
 }
 
 // 4-bit kinds (NF4 with or without nesting, MXFP4): 16-byte chunk = 32 elements, one scale per
-// chunk (NF4: the scale of 64-block c/2; MXFP4: the scale of 32-block c). MXFP4 words have their
-// nibbles swapped first so that both kinds put element 2j in the high nibble of byte j.
+// chunk (NF4: the scale of 64-block c/2; MXFP4: the scale of 32-block c). Values come from the
+// 16-entry table `lut` (static shared memory): per element one byte extraction (PRMT), one LDS
+// and one FMA.
 template <int NR, int NT, int U>
 __device__ __forceinline__ void dot_q4(const QMat& m, const int (&rows)[NR], const float* xs, int xstride,
                                        const float* lut, float (&acc)[NR][NT], int lane) {
     const int nch = m.cols >> 5;
     const bool mx = m.kind == K_MXFP4;
+    const char* lb = reinterpret_cast<const char*>(lut);
     const uint4* base[NR];
 #pragma unroll
     for (int i = 0; i < NR; i++) base[i] = reinterpret_cast<const uint4*>(m.w + (size_t)rows[i] * (m.cols >> 1));
@@ -344,11 +346,18 @@ __device__ __forceinline__ void dot_q4(const QMat& m, const int (&rows)[NR], con
 #pragma unroll
                     for (int i = 0; i < NR; i++) {
                         unsigned w = q == 0 ? v[i][u].x : (q == 1 ? v[i][u].y : (q == 2 ? v[i][u].z : v[i][u].w));
-                        if (mx) w = ((w & 0x0f0f0f0fu) << 4) | ((w >> 4) & 0x0f0f0f0fu);
-                        float e0 = lut[(w >> 4) & 15u], e1 = lut[w & 15u];
-                        float e2 = lut[(w >> 12) & 15u], e3 = lut[(w >> 8) & 15u];
-                        float e4 = lut[(w >> 20) & 15u], e5 = lut[(w >> 16) & 15u];
-                        float e6 = lut[w >> 28], e7 = lut[(w >> 24) & 15u];
+                        // Byte offsets into the table (4 * nibble) of the high and low nibble of
+                        // each byte; element 2j is the high nibble (NF4) or the low one (MXFP4).
+                        unsigned hi = (w >> 2) & 0x3c3c3c3cu, lo = (w << 2) & 0x3c3c3c3cu;
+                        unsigned f = mx ? lo : hi, s2 = mx ? hi : lo;
+                        float e0 = *reinterpret_cast<const float*>(lb + (f & 0xffu));
+                        float e1 = *reinterpret_cast<const float*>(lb + (s2 & 0xffu));
+                        float e2 = *reinterpret_cast<const float*>(lb + __byte_perm(f, 0u, 0x4441));
+                        float e3 = *reinterpret_cast<const float*>(lb + __byte_perm(s2, 0u, 0x4441));
+                        float e4 = *reinterpret_cast<const float*>(lb + __byte_perm(f, 0u, 0x4442));
+                        float e5 = *reinterpret_cast<const float*>(lb + __byte_perm(s2, 0u, 0x4442));
+                        float e6 = *reinterpret_cast<const float*>(lb + __byte_perm(f, 0u, 0x4443));
+                        float e7 = *reinterpret_cast<const float*>(lb + __byte_perm(s2, 0u, 0x4443));
 #pragma unroll
                         for (int t = 0; t < NT; t++) {
                             float a = part[i][t];

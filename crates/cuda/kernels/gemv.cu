@@ -8,7 +8,7 @@
 // (SMs x resident blocks). Accumulation is f32 (fmaf); activations are f32.
 //
 // k_embed        grid (T), block 256. x[t, :] = embed[tok[t], :] (f32).
-// k_linear_{1,4} grid (gx), block 256, dyn smem = NT*padded(cols)*4 + 512.
+// k_linear_{1,1w,4} grid (gx), block 256, dyn smem = NT*padded(cols)*4 + 512.
 //                out[t, r] (=|+=) W[r, :] . x'[t, :] + b[r] for t < T, r < rows, where x' is x
 //                or rmsnorm(x, norm_w). Flags: F_RESID (add into out), F_ARGMAX (greedy token per
 //                t into idx_out, ties -> lowest index), F_TOPK (router: top-k logits of each t ->
@@ -82,15 +82,15 @@ __device__ void warp_topk(const float* logits, int n, int k, int* sel, float* ws
     }
 }
 
-template <int NT>
+template <int NT, int UD>
 __device__ void linear_body(QMat m, const float* x, int ld_in, int T, const float* norm_w, float eps,
                             float* out, int ld_out, int flags, float* aux, int* idx_out, float* red_val,
                             int* red_idx, unsigned* counter, int topk, int* sel, float* wsel) {
     float* smem = reinterpret_cast<float*>(smem4);
     const int xstride = padded_len(m.cols);
     float* xs = smem;
-    float* lut = smem + NT * xstride;  // 16 floats
-    float* red = lut + 64;             // 64 floats
+    float* red = smem + NT * xstride;  // 64 floats
+    __shared__ float lut[16];
     __shared__ float bv_s[WARPS][NT];
     __shared__ int bi_s[WARPS][NT];
     __shared__ int last_s;
@@ -110,7 +110,7 @@ __device__ void linear_body(QMat m, const float* x, int ld_in, int T, const floa
         if (pf && r + PF * stride < m.rows) prefetch_rows(m, r + PF * stride, 1, lane);
         int rows[1] = {r};
         float acc[1][NT];
-        warp_dot<1, NT, 8, 3>(m, rows, xs, xstride, lut, acc, lane);
+        warp_dot<1, NT, UD, 3>(m, rows, xs, xstride, lut, acc, lane);
         if (lane == 0) {
             float b = m.bias ? m.bias[r] : 0.f;
 #pragma unroll
@@ -173,16 +173,26 @@ extern "C" __global__ void __launch_bounds__(256) k_linear_1(QMat m, const float
                                            float eps, float* out, int ld_out, int flags, float* aux,
                                            int* idx_out, float* red_val, int* red_idx, unsigned* counter,
                                            int topk, int* sel, float* wsel) {
-    linear_body<1>(m, x, ld_in, T, norm_w, eps, out, ld_out, flags, aux, idx_out, red_val, red_idx, counter,
-                   topk, sel, wsel);
+    linear_body<1, 8>(m, x, ld_in, T, norm_w, eps, out, ld_out, flags, aux, idx_out, red_val, red_idx, counter,
+                      topk, sel, wsel);
+}
+
+// k_linear_1 with every 16-byte chunk of a 4096-wide bf16 row in flight at once: for matrices
+// with few rows per warp (o_proj, router), whose time is latency, not bandwidth.
+extern "C" __global__ void __launch_bounds__(256) k_linear_1w(QMat m, const float* x, int ld_in, int T, const float* norm_w,
+                                            float eps, float* out, int ld_out, int flags, float* aux,
+                                            int* idx_out, float* red_val, int* red_idx, unsigned* counter,
+                                            int topk, int* sel, float* wsel) {
+    linear_body<1, 16>(m, x, ld_in, T, norm_w, eps, out, ld_out, flags, aux, idx_out, red_val, red_idx, counter,
+                       topk, sel, wsel);
 }
 
 extern "C" __global__ void __launch_bounds__(256) k_linear_4(QMat m, const float* x, int ld_in, int T, const float* norm_w,
                                            float eps, float* out, int ld_out, int flags, float* aux,
                                            int* idx_out, float* red_val, int* red_idx, unsigned* counter,
                                            int topk, int* sel, float* wsel) {
-    linear_body<4>(m, x, ld_in, T, norm_w, eps, out, ld_out, flags, aux, idx_out, red_val, red_idx, counter,
-                   topk, sel, wsel);
+    linear_body<4, 8>(m, x, ld_in, T, norm_w, eps, out, ld_out, flags, aux, idx_out, red_val, red_idx, counter,
+                      topk, sel, wsel);
 }
 
 // Unit u of k_qkv: which matrix (0 q, 1 k, 2 v), the head-local dim d < 32 and the first row.
@@ -199,7 +209,7 @@ __device__ void qkv_body(const LayerDev* L, const StepParams* sp, int layer, con
     float* smem = reinterpret_cast<float*>(smem4);
     const int xstride = padded_len(H);
     float* xs = smem;
-    float* luts = smem + NT * xstride;  // 3 x 16 floats
+    __shared__ float luts[3 * 16];
     __shared__ QMat mats[3];
     __shared__ float red[64];
     if (threadIdx.x == 0) { mats[0] = L->q; mats[1] = L->k; mats[2] = L->v; }
@@ -231,7 +241,7 @@ __device__ void qkv_body(const LayerDev* L, const StepParams* sp, int layer, con
         int rows[2] = {r0, r0 + 32};
         const QMat& m = mats[which];
         float acc[2][NT];
-        warp_dot<2, NT, 4, 3>(m, rows, xs, xstride, luts + 16 * which, acc, lane);
+        warp_dot<2, NT, 6, 3>(m, rows, xs, xstride, luts + 16 * which, acc, lane);
         if (lane == 0) {
             float b0 = m.bias ? m.bias[rows[0]] : 0.f;
             float b1 = m.bias ? m.bias[rows[1]] : 0.f;
@@ -297,7 +307,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) k_moe_gu(const LayerDev* L,
     if (t >= sp->T) return;
     const int xstride = padded_len(H);
     float* xs = smem;
-    float* lut = smem + xstride;
+    __shared__ float lut[16];
     __shared__ QMat m_s;
     __shared__ float red[64];
     if (threadIdx.x == 0) m_s = L->gu[sel[j]];
@@ -332,7 +342,7 @@ extern "C" __global__ void __launch_bounds__(256) k_moe_dn(const LayerDev* L, co
     if (t >= sp->T) return;
     const int xstride = padded_len(I);
     float* xs = smem;  // K vectors
-    float* luts = smem + K * xstride;  // K x 16 floats
+    __shared__ float luts[MAXK * 16];
     __shared__ QMat mats[MAXK];
     __shared__ float wk[MAXK];
     if (threadIdx.x < K) {

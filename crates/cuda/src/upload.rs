@@ -8,7 +8,9 @@
 //! form per-layer device tables `gu[E]` / `dn[E]` so that one launch covers the selected experts.
 //!
 //! Fused transformers layouts (`Orientation::InOut`) are the one exception: their experts are
-//! decoded and transposed at load into dense bf16 `[out, in]` (allowed for those variants only).
+//! decoded and transposed at load into dense `[out, in]` matrices (allowed for those variants
+//! only), losslessly: bf16 stays bf16, a fused bnb 4-bit stack becomes f32 (4x its NF4 size: fine
+//! for small models; convert big ones with `gptoss convert --to unsloth-nf4`).
 
 use gptoss_formats::checkpoint::DType;
 use gptoss_formats::codec::bnb4::Absmax;
@@ -111,9 +113,19 @@ fn add_matrix<'a>(a: &mut Arena<'a>, m: &Matrix<'a>, bias: Option<&Vector<'a>>) 
         ..HostMat::default()
     };
     if m.orientation == Orientation::InOut {
-        // Fused transformers stacks: decode + transpose to dense bf16 [out, in] (load-time only).
-        let bytes: Vec<u8> = m.to_f32().iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect();
-        h.m.kind = K_BF16;
+        // Fused transformers stacks: decode + transpose to a dense [out, in] matrix at load,
+        // losslessly: bf16/f16 sources stay bf16/f16, 4-bit sources become f32.
+        let values = m.to_f32();
+        let (kind, bytes): (i32, Vec<u8>) = match &m.data {
+            MatrixData::Dense { dtype: DType::BF16, .. } => {
+                (K_BF16, values.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect())
+            }
+            MatrixData::Dense { dtype: DType::F16, .. } => {
+                (K_F16, values.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect())
+            }
+            _ => (K_F32, f32_bytes(&values)),
+        };
+        h.m.kind = kind;
         h.read_bytes = bytes.len();
         h.w = a.add(Piece::Owned(bytes));
     } else {
