@@ -8,7 +8,7 @@
 // (SMs x resident blocks). Accumulation is f32 (fmaf); activations are f32.
 //
 // k_embed        grid (T), block 256. x[t, :] = embed[tok[t], :] (f32).
-// k_linear_{1,1w,4} grid (gx), block 256, dyn smem = NT*padded(cols)*4 + 512.
+// k_linear_{1,4} grid (gx), block 256, dyn smem = NT*padded(cols)*4 + 512.
 //                out[t, r] (=|+=) W[r, :] . x'[t, :] + b[r] for t < T, r < rows, where x' is x
 //                or rmsnorm(x, norm_w). Flags: F_RESID (add into out), F_ARGMAX (greedy token per
 //                t into idx_out, ties -> lowest index), F_TOPK (router: top-k logits of each t ->
@@ -22,8 +22,8 @@
 //                layer's KV cache (bf16, or f32 when kvf32) at slot pos (pos % ring on sliding
 //                layers).
 // k_moe_gu       grid (gx, T*K), block 256, dyn smem = padded(H)*4 + 64.
-//                job j = (t, k) = (j / K, j % K), expert e = sel[j]; unit u < I/2 = rows 4u..4u+3
-//                of gate_up[e] (gate, up interleaved) -> act[j, 2u], act[j, 2u+1] = clamped SwiGLU.
+//                job j = (t, k) = (j / K, j % K), expert e = sel[j]; unit i < I = rows (2i, 2i+1)
+//                of gate_up[e] (gate, up interleaved) -> act[j, i] = clamped SwiGLU.
 // k_moe_dn       grid (gx, T), block 256, dyn smem = K*padded(I)*4 + K*64.
 //                unit u < H/2, rows r = 2u, 2u+1: x[t, r] += sum_k wsel[t,k] * (down[sel[t,k]][r, :]
 //                . act[t*K+k, :] + bias[r]) in k order (deterministic, no float atomics).
@@ -177,16 +177,6 @@ extern "C" __global__ void __launch_bounds__(256) k_linear_1(QMat m, const float
                       topk, sel, wsel);
 }
 
-// k_linear_1 with every 16-byte chunk of a 4096-wide bf16 row in flight at once: for matrices
-// with few rows per warp (o_proj, router), whose time is latency, not bandwidth.
-extern "C" __global__ void __launch_bounds__(256) k_linear_1w(QMat m, const float* x, int ld_in, int T, const float* norm_w,
-                                            float eps, float* out, int ld_out, int flags, float* aux,
-                                            int* idx_out, float* red_val, int* red_idx, unsigned* counter,
-                                            int topk, int* sel, float* wsel) {
-    linear_body<1, 16>(m, x, ld_in, T, norm_w, eps, out, ld_out, flags, aux, idx_out, red_val, red_idx, counter,
-                       topk, sel, wsel);
-}
-
 extern "C" __global__ void __launch_bounds__(256) k_linear_4(QMat m, const float* x, int ld_in, int T, const float* norm_w,
                                            float eps, float* out, int ld_out, int flags, float* aux,
                                            int* idx_out, float* red_val, int* red_idx, unsigned* counter,
@@ -298,8 +288,8 @@ __device__ __forceinline__ float clamped_swiglu(float g, float u, float alpha, f
     return (u + 1.0f) * glu;
 }
 
-// Units of k_moe_gu: 4 rows = 2 (gate, up) pairs -> act[j, 2i4], act[j, 2i4 + 1].
-extern "C" __global__ void __launch_bounds__(256, 2) k_moe_gu(const LayerDev* L, const StepParams* sp, const float* h, int H,
+// Units of k_moe_gu: rows (2i, 2i+1) = (gate_i, up_i) -> act[j, i].
+extern "C" __global__ void __launch_bounds__(256, 3) k_moe_gu(const LayerDev* L, const StepParams* sp, const float* h, int H,
                                          int I, int K, const int* sel, float* act, float alpha, float limit) {
     float* smem = reinterpret_cast<float*>(smem4);
     const int j = blockIdx.y;
@@ -314,28 +304,26 @@ extern "C" __global__ void __launch_bounds__(256, 2) k_moe_gu(const LayerDev* L,
     __syncthreads();
     const QMat& m = m_s;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int units = I >> 1;
     const int u0 = blockIdx.x * WARPS + warp, stride = gridDim.x * WARPS;
     for (int k = 0; k < PF; k++)
-        if (u0 + k * stride < units) prefetch_rows(m, 4 * (u0 + k * stride), 4, lane);
+        if (u0 + k * stride < I) prefetch_rows(m, 2 * (u0 + k * stride), 2, lane);
     build_lut(lut, m);
     load_x<1>(xs, xstride, h + (size_t)t * H, H, 1, nullptr, 0.f, red, nullptr);
-    for (int u = u0; u < units; u += stride) {
-        if (u + PF * stride < units) prefetch_rows(m, 4 * (u + PF * stride), 4, lane);
-        int rows[4] = {4 * u, 4 * u + 1, 4 * u + 2, 4 * u + 3};
-        float acc[4][1];
-        warp_dot<4, 1, 2, 2>(m, rows, xs, xstride, lut, acc, lane);
-        if (lane < 2) {
-            int rg = 4 * u + 2 * lane;  // lane 0: rows 4u, 4u+1; lane 1: rows 4u+2, 4u+3
-            float gate = (lane == 0 ? acc[0][0] : acc[2][0]) + (m.bias ? m.bias[rg] : 0.f);
-            float up = (lane == 0 ? acc[1][0] : acc[3][0]) + (m.bias ? m.bias[rg + 1] : 0.f);
-            act[(size_t)j * I + 2 * u + lane] = clamped_swiglu(gate, up, alpha, limit);
+    for (int i = u0; i < I; i += stride) {
+        if (i + PF * stride < I) prefetch_rows(m, 2 * (i + PF * stride), 2, lane);
+        int rows[2] = {2 * i, 2 * i + 1};
+        float acc[2][1];
+        warp_dot<2, 1, 4, 3>(m, rows, xs, xstride, lut, acc, lane);
+        if (lane == 0) {
+            float gate = acc[0][0] + (m.bias ? m.bias[2 * i] : 0.f);
+            float up = acc[1][0] + (m.bias ? m.bias[2 * i + 1] : 0.f);
+            act[(size_t)j * I + i] = clamped_swiglu(gate, up, alpha, limit);
         }
     }
 }
 
 // Units of k_moe_dn: rows (2u, 2u+1) of the K selected experts' down projections.
-extern "C" __global__ void __launch_bounds__(256) k_moe_dn(const LayerDev* L, const StepParams* sp, const float* act, int H,
+extern "C" __global__ void __launch_bounds__(256, 3) k_moe_dn(const LayerDev* L, const StepParams* sp, const float* act, int H,
                                          int I, int K, const int* sel, const float* wsel, float* x) {
     float* smem = reinterpret_cast<float*>(smem4);
     const int t = blockIdx.y;

@@ -131,7 +131,6 @@ pub struct Kernels {
     _modules: Vec<Module>,
     embed: Func,
     linear1: Func,
-    linear1w: Func,
     linear4: Func,
     qkv1: Func,
     qkv4: Func,
@@ -187,7 +186,6 @@ impl Kernels {
         let k = Kernels {
             embed: gemv.function("k_embed")?,
             linear1: gemv.function("k_linear_1")?,
-            linear1w: gemv.function("k_linear_1w")?,
             linear4: gemv.function("k_linear_4")?,
             qkv1: gemv.function("k_qkv_1")?,
             qkv4: gemv.function("k_qkv_4")?,
@@ -201,7 +199,6 @@ impl Kernels {
         let lin_max = plan.linear_h[1].max(plan.linear_q[1]);
         for (f, s) in [
             (k.linear1, lin_max),
-            (k.linear1w, lin_max),
             (k.linear4, lin_max),
             (k.qkv1, plan.qkv[0]),
             (k.qkv4, plan.qkv[1]),
@@ -232,16 +229,9 @@ impl Kernels {
         self.grid_x(self.linear_fn(m, nt), smem, m.rows as usize, 1)
     }
 
-    /// The `k_linear` variant for `m`: the wide one (a whole row in flight) when there are few
-    /// rows per warp.
-    fn linear_fn(&self, m: &QMat, nt: usize) -> Func {
-        if nt != 1 {
-            self.linear4
-        } else if (m.rows as usize) <= self.sm_count * 64 {
-            self.linear1w
-        } else {
-            self.linear1
-        }
+    /// The `k_linear` variant for `nt` tokens.
+    fn linear_fn(&self, _m: &QMat, nt: usize) -> Func {
+        if nt == 1 { self.linear1 } else { self.linear4 }
     }
 
     /// `out[t] (+)= m @ x'[t] + b` (see gemv.cu `k_linear_*`). `nt` selects the 1- or
