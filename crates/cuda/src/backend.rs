@@ -13,13 +13,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use gptoss_engine::backend::{Backend, BackendError, Logits, LogitsWanted, SeqId, StepBatch, validate_batch};
+use gptoss_engine::backend::{
+    Backend, BackendError, Logits, LogitsWanted, SeqId, StepBatch, validate_batch,
+};
 use gptoss_formats::{Checkpoint, GptOssConfig, ModelWeights};
 
 use crate::driver::{DevBuf, DeviceInfo, Event, Gpu, Graph, Timer};
 use crate::kernels::{
-    Dims, F_ARGMAX, F_NORM, F_RESID, F_TOPK, F_WRITE_NORMED, Kernels, LinearExtra, MAXT, PART, SMAX, SmemPlan,
-    StepParams,
+    Dims, F_ARGMAX, F_NORM, F_RESID, F_TOPK, F_WRITE_NORMED, Kernels, LinearExtra, MAXT, PART,
+    SMAX, SmemPlan, StepParams,
 };
 use crate::upload::{DeviceModel, RING_EXTRA, ReadBytes};
 
@@ -42,7 +44,13 @@ pub struct CudaOptions {
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        CudaOptions { device: 0, max_context: 32768, enforce_eager: false, max_batch_tokens: 65536, kv_f32: false }
+        CudaOptions {
+            device: 0,
+            max_context: 32768,
+            enforce_eager: false,
+            max_batch_tokens: 65536,
+            kv_f32: false,
+        }
     }
 }
 
@@ -174,7 +182,10 @@ impl CudaBackend {
         let model = DeviceModel::upload(&gpu, w, max_context).map_err(failed)?;
         let scratch = Scratch::new(&gpu, &dims).map_err(failed)?;
         gpu.sync().map_err(failed)?;
-        let load = LoadReport { seconds: start.elapsed().as_secs_f64(), weight_bytes: model.weight_bytes };
+        let load = LoadReport {
+            seconds: start.elapsed().as_secs_f64(),
+            weight_bytes: model.weight_bytes,
+        };
         Ok(CudaBackend {
             cfg,
             dims,
@@ -210,7 +221,11 @@ impl CudaBackend {
         let per_pos = (2 * self.dims.kv_dim * self.dims.kv_elem()) as u64;
         (0..self.dims.layers)
             .map(|l| {
-                let n = if self.cfg.is_sliding(l) { ctx.min(self.cfg.sliding_window) } else { ctx };
+                let n = if self.cfg.is_sliding(l) {
+                    ctx.min(self.cfg.sliding_window)
+                } else {
+                    ctx
+                };
                 n as u64 * per_pos
             })
             .sum()
@@ -237,7 +252,11 @@ impl CudaBackend {
         let mut k = Vec::new();
         let mut v = Vec::new();
         for l in 0..self.dims.layers {
-            let slots = if self.cfg.is_sliding(l) { self.cfg.sliding_window + RING_EXTRA } else { cap };
+            let slots = if self.cfg.is_sliding(l) {
+                self.cfg.sliding_window + RING_EXTRA
+            } else {
+                cap
+            };
             k.push(self.gpu.alloc_zeroed(slots * slot)?);
             v.push(self.gpu.alloc_zeroed(slots * slot)?);
         }
@@ -249,7 +268,10 @@ impl CudaBackend {
         if need <= c.cap {
             return Ok(());
         }
-        let cap = need.next_power_of_two().max(1024).min(self.model.max_context.next_power_of_two());
+        let cap = need
+            .next_power_of_two()
+            .max(1024)
+            .min(self.model.max_context.next_power_of_two());
         let slot = self.dims.kv_dim * self.dims.kv_elem();
         let mut old = Vec::new();
         for l in 0..self.dims.layers {
@@ -269,7 +291,11 @@ impl CudaBackend {
     }
 
     pub(crate) fn params(&self, c: &SeqCache, tokens: &[u32], pos0: usize) -> StepParams {
-        let mut sp = StepParams { t: tokens.len() as i32, pos0: pos0 as i32, ..StepParams::default() };
+        let mut sp = StepParams {
+            t: tokens.len() as i32,
+            pos0: pos0 as i32,
+            ..StepParams::default()
+        };
         for (d, &t) in sp.tok.iter_mut().zip(tokens) {
             *d = t as i32;
         }
@@ -297,7 +323,13 @@ impl CudaBackend {
         lm: Option<(usize, usize)>,
         mark: &mut dyn FnMut(&'static str) -> Result<(), String>,
     ) -> Result<(), String> {
-        let (k, s, d, sc, m) = (&self.k, &self.gpu.stream, &self.dims, &self.scratch, &self.model);
+        let (k, s, d, sc, m) = (
+            &self.k,
+            &self.gpu.stream,
+            &self.dims,
+            &self.scratch,
+            &self.model,
+        );
         let (nt, i) = Self::nt_index(t);
         let sp = sc.sp.ptr;
         mark("k_embed")?;
@@ -305,15 +337,54 @@ impl CudaBackend {
         let attn_counters = sc.counters.ptr;
         let lin_counter = sc.counters.at(MAXT * d.nkv * 4);
         for l in 0..d.layers {
-            let ld = m.layer_dev.at(l * std::mem::size_of::<crate::kernels::LayerDev>());
+            let ld = m
+                .layer_dev
+                .at(l * std::mem::size_of::<crate::kernels::LayerDev>());
             let lh = &m.layers[l];
             mark("k_qkv (rmsnorm+q/k/v+rope)")?;
-            k.qkv(s, nt, self.plan.qkv[i], ld, sp, l, sc.x.ptr, d, sc.q.ptr, m.cos.ptr, m.sin.ptr)?;
+            k.qkv(
+                s,
+                nt,
+                self.plan.qkv[i],
+                ld,
+                sp,
+                l,
+                sc.x.ptr,
+                d,
+                sc.q.ptr,
+                m.cos.ptr,
+                m.sin.ptr,
+            )?;
             mark("k_attn")?;
-            k.attn(s, ld, sp, l, sc.q.ptr, sc.attn.ptr, sc.part.ptr, attn_counters, d, t)?;
+            k.attn(
+                s,
+                ld,
+                sp,
+                l,
+                sc.q.ptr,
+                sc.attn.ptr,
+                sc.part.ptr,
+                attn_counters,
+                d,
+                t,
+            )?;
             let none = LinearExtra::default();
             mark("k_linear o_proj")?;
-            k.linear(s, nt, self.plan.linear_q[i], &lh.o, sc.attn.ptr, d.q_dim, t, 0, d.eps, sc.x.ptr, d.h, F_RESID, &none)?;
+            k.linear(
+                s,
+                nt,
+                self.plan.linear_q[i],
+                &lh.o,
+                sc.attn.ptr,
+                d.q_dim,
+                t,
+                0,
+                d.eps,
+                sc.x.ptr,
+                d.h,
+                F_RESID,
+                &none,
+            )?;
             let router = LinearExtra {
                 aux: sc.h.ptr,
                 counter: lin_counter,
@@ -339,9 +410,30 @@ impl CudaBackend {
                 &router,
             )?;
             mark("k_moe_gu")?;
-            k.moe_gu(s, self.plan.moe_gu, ld, sp, sc.h.ptr, d, t, sc.sel.ptr, sc.act.ptr)?;
+            k.moe_gu(
+                s,
+                self.plan.moe_gu,
+                ld,
+                sp,
+                sc.h.ptr,
+                d,
+                t,
+                sc.sel.ptr,
+                sc.act.ptr,
+            )?;
             mark("k_moe_dn")?;
-            k.moe_dn(s, self.plan.moe_dn, ld, sp, sc.act.ptr, d, t, sc.sel.ptr, sc.wsel.ptr, sc.x.ptr)?;
+            k.moe_dn(
+                s,
+                self.plan.moe_dn,
+                ld,
+                sp,
+                sc.act.ptr,
+                d,
+                t,
+                sc.sel.ptr,
+                sc.wsel.ptr,
+                sc.x.ptr,
+            )?;
         }
         if let Some((first, count)) = lm {
             let (nt, i) = Self::nt_index(count);
@@ -374,15 +466,25 @@ impl CudaBackend {
     }
 
     /// Runs `tokens` (<= MAXT) of a sequence at `pos0`; computes lm_head rows `lm` if asked.
-    fn run_chunk(&mut self, c: &SeqCache, tokens: &[u32], pos0: usize, lm: Option<(usize, usize)>) -> Result<(), String> {
+    fn run_chunk(
+        &mut self,
+        c: &SeqCache,
+        tokens: &[u32],
+        pos0: usize,
+        lm: Option<(usize, usize)>,
+    ) -> Result<(), String> {
         let sp = self.params(c, tokens, pos0);
-        self.gpu.upload_async(self.scratch.sp.ptr, std::slice::from_ref(&sp))?;
+        self.gpu
+            .upload_async(self.scratch.sp.ptr, std::slice::from_ref(&sp))?;
         if tokens.len() == 1 && lm == Some((0, 1)) && !self.opts.enforce_eager {
             if self.graph.is_none() {
                 let g = Graph::capture(&self.gpu.stream, || self.record(1, lm))?;
                 self.graph = Some(g);
             }
-            self.graph.as_ref().expect("captured").launch(&self.gpu.stream)
+            self.graph
+                .as_ref()
+                .expect("captured")
+                .launch(&self.gpu.stream)
         } else {
             self.record(tokens.len(), lm)
         }
@@ -409,7 +511,9 @@ impl CudaBackend {
                 let first_tok = ci * MAXT;
                 let lm = match want {
                     LogitsWanted::All => Some((0, chunk.len())),
-                    LogitsWanted::Last if first_tok + chunk.len() == n => Some((chunk.len() - 1, 1)),
+                    LogitsWanted::Last if first_tok + chunk.len() == n => {
+                        Some((chunk.len() - 1, 1))
+                    }
                     LogitsWanted::Last => None,
                 };
                 self.run_chunk(&c, chunk, start_pos + first_tok, lm)?;
@@ -429,9 +533,17 @@ impl CudaBackend {
     fn check_step(&self, seq: SeqId, tokens: &[u32], start_pos: usize) -> Result<(), BackendError> {
         let cached = self.cached_len(seq).unwrap_or(0);
         if start_pos != cached {
-            return Err(BackendError::PositionMismatch { seq, start_pos, cached });
+            return Err(BackendError::PositionMismatch {
+                seq,
+                start_pos,
+                cached,
+            });
         }
-        if let Some((i, &t)) = tokens.iter().enumerate().find(|(_, t)| **t as usize >= self.dims.vocab) {
+        if let Some((i, &t)) = tokens
+            .iter()
+            .enumerate()
+            .find(|(_, t)| **t as usize >= self.dims.vocab)
+        {
             return Err(BackendError::InvalidInput(format!(
                 "token id {t} (at index {i}) is out of range: the vocabulary has {} tokens",
                 self.dims.vocab
@@ -500,8 +612,10 @@ impl CudaBackend {
     /// For decode (`t = 1`) the graph is timed unless `enforce_eager`.
     pub fn time_step(&mut self, seq: SeqId, t: usize, reps: usize) -> Result<f64, BackendError> {
         self.gpu.bind().map_err(failed)?;
-        let mut c =
-            self.seqs.remove(&seq).ok_or_else(|| BackendError::InvalidInput(format!("unknown sequence {seq}")))?;
+        let mut c = self
+            .seqs
+            .remove(&seq)
+            .ok_or_else(|| BackendError::InvalidInput(format!("unknown sequence {seq}")))?;
         let res = (|| -> Result<f64, String> {
             if c.len + t > self.model.max_context {
                 return Err("beyond max_context".into());
@@ -529,12 +643,20 @@ impl CudaBackend {
 impl CudaBackend {
     /// Per-kernel device time (ms, summed over layers) of one eager batch-1 decode step at the
     /// current length of `seq` (the cache is not advanced), averaged over `reps` runs.
-    pub fn profile_decode(&mut self, seq: SeqId, reps: usize) -> Result<Vec<(String, f64)>, BackendError> {
+    pub fn profile_decode(
+        &mut self,
+        seq: SeqId,
+        reps: usize,
+    ) -> Result<Vec<(String, f64)>, BackendError> {
         self.gpu.bind().map_err(failed)?;
-        let c = self.seqs.remove(&seq).ok_or_else(|| BackendError::InvalidInput(format!("unknown sequence {seq}")))?;
+        let c = self
+            .seqs
+            .remove(&seq)
+            .ok_or_else(|| BackendError::InvalidInput(format!("unknown sequence {seq}")))?;
         let res = (|| -> Result<Vec<(String, f64)>, String> {
             let sp = self.params(&c, &[0], c.len);
-            self.gpu.upload_async(self.scratch.sp.ptr, std::slice::from_ref(&sp))?;
+            self.gpu
+                .upload_async(self.scratch.sp.ptr, std::slice::from_ref(&sp))?;
             let mut totals: Vec<(String, f64)> = Vec::new();
             for _ in 0..reps.max(1) {
                 let mut marks: Vec<(&'static str, Event)> = Vec::new();

@@ -53,10 +53,18 @@ impl CudaBackend {
         let d = self.dims;
         let t = x.len() / d.h;
         if t == 0 || t > MAXT || x.len() != t * d.h || l >= d.layers {
-            return Err(BackendError::InvalidInput(format!("debug_layer: {} values for layer {l}", x.len())));
+            return Err(BackendError::InvalidInput(format!(
+                "debug_layer: {} values for layer {l}",
+                x.len()
+            )));
         }
-        if k_prefix.len() != pos0 * d.kv_dim || v_prefix.len() != pos0 * d.kv_dim || pos0 + t > self.max_context() {
-            return Err(BackendError::InvalidInput("debug_layer: prefix shape".into()));
+        if k_prefix.len() != pos0 * d.kv_dim
+            || v_prefix.len() != pos0 * d.kv_dim
+            || pos0 + t > self.max_context()
+        {
+            return Err(BackendError::InvalidInput(
+                "debug_layer: prefix shape".into(),
+            ));
         }
         let run = || -> Result<LayerTrace, String> {
             let cap = (pos0 + t).next_power_of_two().max(1024);
@@ -72,7 +80,8 @@ impl CudaBackend {
                         continue;
                     }
                     let s = slot(j);
-                    host[s * d.kv_dim..(s + 1) * d.kv_dim].copy_from_slice(&prefix[j * d.kv_dim..(j + 1) * d.kv_dim]);
+                    host[s * d.kv_dim..(s + 1) * d.kv_dim]
+                        .copy_from_slice(&prefix[j * d.kv_dim..(j + 1) * d.kv_dim]);
                 }
                 if d.kv_f32 {
                     self.gpu.upload(buf.ptr, &host)?;
@@ -82,7 +91,8 @@ impl CudaBackend {
                 }
             }
             let sp = self.params(&c, &vec![0u32; t], pos0);
-            self.gpu.upload(self.scratch.sp.ptr, std::slice::from_ref(&sp))?;
+            self.gpu
+                .upload(self.scratch.sp.ptr, std::slice::from_ref(&sp))?;
             self.gpu.upload(self.scratch.x.ptr, x)?;
             let (k, s, sc, m) = (&self.k, &self.gpu.stream, &self.scratch, &self.model);
             let (nt, i) = Self::nt_index(t);
@@ -94,7 +104,19 @@ impl CudaBackend {
                 Ok(v)
             };
             let mut tr = LayerTrace::default();
-            k.qkv(s, nt, self.plan.qkv[i], ld, sc.sp.ptr, l, sc.x.ptr, &d, sc.q.ptr, m.cos.ptr, m.sin.ptr)?;
+            k.qkv(
+                s,
+                nt,
+                self.plan.qkv[i],
+                ld,
+                sc.sp.ptr,
+                l,
+                sc.x.ptr,
+                &d,
+                sc.q.ptr,
+                m.cos.ptr,
+                m.sin.ptr,
+            )?;
             tr.q = get(sc.q.ptr, t * d.q_dim)?;
             for ti in 0..t {
                 for (buf, out) in [(&c.k[l], &mut tr.k_new), (&c.v[l], &mut tr.v_new)] {
@@ -110,10 +132,35 @@ impl CudaBackend {
                     }
                 }
             }
-            k.attn(s, ld, sc.sp.ptr, l, sc.q.ptr, sc.attn.ptr, sc.part.ptr, sc.counters.ptr, &d, t)?;
+            k.attn(
+                s,
+                ld,
+                sc.sp.ptr,
+                l,
+                sc.q.ptr,
+                sc.attn.ptr,
+                sc.part.ptr,
+                sc.counters.ptr,
+                &d,
+                t,
+            )?;
             tr.attn = get(sc.attn.ptr, t * d.q_dim)?;
             let none = LinearExtra::default();
-            k.linear(s, nt, self.plan.linear_q[i], &lh.o, sc.attn.ptr, d.q_dim, t, 0, d.eps, sc.x.ptr, d.h, F_RESID, &none)?;
+            k.linear(
+                s,
+                nt,
+                self.plan.linear_q[i],
+                &lh.o,
+                sc.attn.ptr,
+                d.q_dim,
+                t,
+                0,
+                d.eps,
+                sc.x.ptr,
+                d.h,
+                F_RESID,
+                &none,
+            )?;
             tr.x_attn = get(sc.x.ptr, t * d.h)?;
             let router = LinearExtra {
                 aux: sc.h.ptr,
@@ -124,15 +171,50 @@ impl CudaBackend {
                 ..LinearExtra::default()
             };
             let flags = F_NORM | F_WRITE_NORMED | F_TOPK;
-            k.linear(s, nt, self.plan.linear_h[i], &lh.router, sc.x.ptr, d.h, t, lh.post_norm, d.eps, sc.rlog.ptr, d.e, flags, &router)?;
+            k.linear(
+                s,
+                nt,
+                self.plan.linear_h[i],
+                &lh.router,
+                sc.x.ptr,
+                d.h,
+                t,
+                lh.post_norm,
+                d.eps,
+                sc.rlog.ptr,
+                d.e,
+                flags,
+                &router,
+            )?;
             tr.router_logits = get(sc.rlog.ptr, t * d.e)?;
             tr.h = get(sc.h.ptr, t * d.h)?;
             tr.wsel = get(sc.wsel.ptr, t * d.k)?;
             tr.sel = vec![0i32; t * d.k];
             self.gpu.download(&mut tr.sel, sc.sel.ptr)?;
-            k.moe_gu(s, self.plan.moe_gu, ld, sc.sp.ptr, sc.h.ptr, &d, t, sc.sel.ptr, sc.act.ptr)?;
+            k.moe_gu(
+                s,
+                self.plan.moe_gu,
+                ld,
+                sc.sp.ptr,
+                sc.h.ptr,
+                &d,
+                t,
+                sc.sel.ptr,
+                sc.act.ptr,
+            )?;
             tr.act = get(sc.act.ptr, t * d.k * d.inter)?;
-            k.moe_dn(s, self.plan.moe_dn, ld, sc.sp.ptr, sc.act.ptr, &d, t, sc.sel.ptr, sc.wsel.ptr, sc.x.ptr)?;
+            k.moe_dn(
+                s,
+                self.plan.moe_dn,
+                ld,
+                sc.sp.ptr,
+                sc.act.ptr,
+                &d,
+                t,
+                sc.sel.ptr,
+                sc.wsel.ptr,
+                sc.x.ptr,
+            )?;
             tr.x_out = get(sc.x.ptr, t * d.h)?;
             self.gpu.sync()?;
             Ok(tr)

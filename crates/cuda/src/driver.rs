@@ -39,7 +39,9 @@ pub fn probe(ordinal: usize) -> Result<(), String> {
         return Err("the CUDA driver reports no GPU".into());
     }
     if ordinal >= n as usize {
-        return Err(format!("GPU {ordinal} requested but only {n} device(s) are visible"));
+        return Err(format!(
+            "GPU {ordinal} requested but only {n} device(s) are visible"
+        ));
     }
     Ok(())
 }
@@ -72,7 +74,9 @@ impl Gpu {
     pub fn open(ordinal: usize) -> Result<Gpu, String> {
         probe(ordinal)?;
         let ctx = CudaContext::new(ordinal).map_err(|e| cu_err("creating the context", e))?;
-        let cc = ctx.compute_capability().map_err(|e| cu_err("reading the compute capability", e))?;
+        let cc = ctx
+            .compute_capability()
+            .map_err(|e| cu_err("reading the compute capability", e))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         if cc.0 < 8 {
             return Err(format!(
@@ -80,28 +84,41 @@ impl Gpu {
                 cc.0, cc.1
             ));
         }
-        let attr = |a: Attr| ctx.attribute(a).map_err(|e| cu_err("reading a device attribute", e));
+        let attr = |a: Attr| {
+            ctx.attribute(a)
+                .map_err(|e| cu_err("reading a device attribute", e))
+        };
         let info = DeviceInfo {
             ordinal,
             name,
             compute_capability: cc,
             sm_count: attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize,
-            total_memory: ctx.total_mem().map_err(|e| cu_err("reading the memory size", e))?,
-            max_smem_optin: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize,
+            total_memory: ctx
+                .total_mem()
+                .map_err(|e| cu_err("reading the memory size", e))?,
+            max_smem_optin: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
+                as usize,
         };
         let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
             .map_err(|e| cu_err("creating a stream", e))?;
-        Ok(Gpu { stream: Stream(stream), ctx, info })
+        Ok(Gpu {
+            stream: Stream(stream),
+            ctx,
+            info,
+        })
     }
 
     /// Makes the context current on the calling thread.
     pub fn bind(&self) -> Result<(), String> {
-        self.ctx.bind_to_thread().map_err(|e| cu_err("binding the context", e))
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cu_err("binding the context", e))
     }
 
     pub fn sync(&self) -> Result<(), String> {
         // SAFETY: the stream is valid for the life of `self`.
-        unsafe { result::stream::synchronize(self.stream.0) }.map_err(|e| cu_err("running kernels", e))
+        unsafe { result::stream::synchronize(self.stream.0) }
+            .map_err(|e| cu_err("running kernels", e))
     }
 
     /// (free, total) device memory.
@@ -121,7 +138,8 @@ impl Gpu {
     pub fn alloc_zeroed(&self, bytes: usize) -> Result<DevBuf, String> {
         let b = self.alloc(bytes)?;
         // SAFETY: `b` holds `bytes` bytes.
-        unsafe { result::memset_d8_sync(b.ptr, 0, bytes.max(1)) }.map_err(|e| cu_err("clearing memory", e))?;
+        unsafe { result::memset_d8_sync(b.ptr, 0, bytes.max(1)) }
+            .map_err(|e| cu_err("clearing memory", e))?;
         Ok(b)
     }
 
@@ -139,7 +157,8 @@ impl Gpu {
     /// Stream-ordered host-to-device copy (pageable source: staged before the call returns).
     pub fn upload_async<T: Copy>(&self, dst: u64, src: &[T]) -> Result<(), String> {
         // SAFETY: callers pass a destination with room for `src`.
-        unsafe { result::memcpy_htod_async(dst, src, self.stream.0) }.map_err(|e| cu_err("copying to the GPU", e))
+        unsafe { result::memcpy_htod_async(dst, src, self.stream.0) }
+            .map_err(|e| cu_err("copying to the GPU", e))
     }
 
     /// Device-to-host copy after the stream's queued work.
@@ -149,7 +168,8 @@ impl Gpu {
         }
         self.sync()?;
         // SAFETY: callers pass a source holding `dst.len()` values.
-        unsafe { result::memcpy_dtoh_sync(dst, src) }.map_err(|e| cu_err("copying from the GPU", e))?;
+        unsafe { result::memcpy_dtoh_sync(dst, src) }
+            .map_err(|e| cu_err("copying from the GPU", e))?;
         Ok(())
     }
 
@@ -165,10 +185,22 @@ impl Gpu {
         // The driver reads the image through a pointer: give it an 8-byte aligned copy.
         let mut aligned = vec![0u64; image.len().div_ceil(8) + 1];
         // SAFETY: `aligned` has room for `image` (plus a trailing zero for PTX text).
-        unsafe { std::ptr::copy_nonoverlapping(image.as_ptr(), aligned.as_mut_ptr() as *mut u8, image.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                image.as_ptr(),
+                aligned.as_mut_ptr() as *mut u8,
+                image.len(),
+            )
+        };
         // SAFETY: a valid, aligned image.
-        let m = unsafe { result::module::load_data(aligned.as_ptr() as *const c_void) }
-            .map_err(|e| cu_err("loading the kernel image (is the driver older than CUDA 13.0?)", e))?;
+        let m = unsafe { result::module::load_data(aligned.as_ptr() as *const c_void) }.map_err(
+            |e| {
+                cu_err(
+                    "loading the kernel image (is the driver older than CUDA 13.0?)",
+                    e,
+                )
+            },
+        )?;
         Ok(Module(m))
     }
 }
@@ -182,7 +214,8 @@ impl Module {
     pub fn function(&self, name: &str) -> Result<Func, String> {
         let c = CString::new(name).expect("kernel names have no NUL");
         // SAFETY: the module is loaded.
-        let f = unsafe { result::module::get_function(self.0, c) }.map_err(|e| cu_err(&format!("finding kernel {name}"), e))?;
+        let f = unsafe { result::module::get_function(self.0, c) }
+            .map_err(|e| cu_err(&format!("finding kernel {name}"), e))?;
         Ok(Func(f))
     }
 }
@@ -210,8 +243,9 @@ impl Func {
     /// Resident blocks of 256 threads per SM with `smem` bytes of dynamic shared memory.
     pub fn occupancy(&self, smem: usize) -> Result<usize, String> {
         // SAFETY: valid function.
-        let n = unsafe { result::occupancy::max_active_block_per_multiprocessor(self.0, 256, smem) }
-            .map_err(|e| cu_err("querying occupancy", e))?;
+        let n =
+            unsafe { result::occupancy::max_active_block_per_multiprocessor(self.0, 256, smem) }
+                .map_err(|e| cu_err("querying occupancy", e))?;
         Ok(n.max(1) as usize)
     }
 }
@@ -259,7 +293,10 @@ unsafe impl Send for Graph {}
 
 impl Graph {
     /// Captures everything `record` queues on `stream` into a graph.
-    pub fn capture(stream: &Stream, record: impl FnOnce() -> Result<(), String>) -> Result<Graph, String> {
+    pub fn capture(
+        stream: &Stream,
+        record: impl FnOnce() -> Result<(), String>,
+    ) -> Result<Graph, String> {
         // SAFETY: valid stream; capture is ended on every path.
         unsafe {
             result::stream::begin_capture(
@@ -268,7 +305,8 @@ impl Graph {
             )
             .map_err(|e| cu_err("starting graph capture", e))?;
             let recorded = record();
-            let graph = result::stream::end_capture(stream.0).map_err(|e| cu_err("ending graph capture", e));
+            let graph = result::stream::end_capture(stream.0)
+                .map_err(|e| cu_err("ending graph capture", e));
             recorded?;
             let graph = graph?;
             let exec = result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0))
@@ -280,7 +318,8 @@ impl Graph {
 
     pub fn launch(&self, stream: &Stream) -> Result<(), String> {
         // SAFETY: valid graph and stream.
-        unsafe { result::graph::launch(self.0, stream.0) }.map_err(|e| cu_err("launching the decode graph", e))
+        unsafe { result::graph::launch(self.0, stream.0) }
+            .map_err(|e| cu_err("launching the decode graph", e))
     }
 }
 
@@ -298,7 +337,9 @@ pub struct Event(pub sys::CUevent);
 
 impl Event {
     pub fn new() -> Result<Event, String> {
-        result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map(Event).map_err(|e| cu_err("creating an event", e))
+        result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+            .map(Event)
+            .map_err(|e| cu_err("creating an event", e))
     }
     pub fn record(&self, s: &Stream) -> Result<(), String> {
         // SAFETY: valid event and stream.
@@ -307,7 +348,8 @@ impl Event {
     /// Milliseconds from `self` to `later` (both recorded and complete).
     pub fn ms_to(&self, later: &Event) -> Result<f32, String> {
         // SAFETY: valid events.
-        unsafe { result::event::elapsed(self.0, later.0) }.map_err(|e| cu_err("reading an event", e))
+        unsafe { result::event::elapsed(self.0, later.0) }
+            .map_err(|e| cu_err("reading an event", e))
     }
 }
 
@@ -336,7 +378,8 @@ impl Timer {
     }
     pub fn start(&self, s: &Stream) -> Result<(), String> {
         // SAFETY: valid event and stream.
-        unsafe { result::event::record(self.start, s.0) }.map_err(|e| cu_err("recording an event", e))
+        unsafe { result::event::record(self.start, s.0) }
+            .map_err(|e| cu_err("recording an event", e))
     }
     /// Records the end and returns the elapsed milliseconds (synchronises).
     pub fn stop_ms(&self, s: &Stream) -> Result<f32, String> {

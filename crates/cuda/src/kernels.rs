@@ -106,7 +106,13 @@ pub struct StepParams {
 
 impl Default for StepParams {
     fn default() -> Self {
-        StepParams { t: 0, pos0: 0, tok: [0; MAXT], kc: [0; MAX_LAYERS], vc: [0; MAX_LAYERS] }
+        StepParams {
+            t: 0,
+            pos0: 0,
+            tok: [0; MAXT],
+            kc: [0; MAX_LAYERS],
+            vc: [0; MAX_LAYERS],
+        }
     }
 }
 
@@ -157,14 +163,26 @@ impl SmemPlan {
         SmemPlan {
             linear_h: [lin(h, 1), lin(h, MAXT)],
             linear_q: [lin(q_dim, 1), lin(q_dim, MAXT)],
-            qkv: [padded_len(h) * 4 + 3 * 2048, MAXT * padded_len(h) * 4 + 3 * 2048],
+            qkv: [
+                padded_len(h) * 4 + 3 * 2048,
+                MAXT * padded_len(h) * 4 + 3 * 2048,
+            ],
             moe_gu: padded_len(h) * 4 + 2048,
             moe_dn: k * padded_len(inter) * 4 + k * 2048,
         }
     }
 
     pub fn max(&self) -> usize {
-        [self.linear_h[1], self.linear_q[1], self.qkv[1], self.moe_gu, self.moe_dn].into_iter().max().unwrap_or(0)
+        [
+            self.linear_h[1],
+            self.linear_q[1],
+            self.qkv[1],
+            self.moe_gu,
+            self.moe_dn,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0)
     }
 }
 
@@ -218,7 +236,15 @@ impl Kernels {
         Ok(want.min((resident / jobs.max(1)).max(1)) as u32)
     }
 
-    pub fn embed(&self, s: &Stream, m: &QMat, sp: u64, x: u64, h: usize, t: usize) -> Result<(), String> {
+    pub fn embed(
+        &self,
+        s: &Stream,
+        m: &QMat,
+        sp: u64,
+        x: u64,
+        h: usize,
+        t: usize,
+    ) -> Result<(), String> {
         let (m, h) = (*m, h as i32);
         let mut a = args!(m, sp, x, h);
         launch(self.embed, (t as u32, 1, 1), 0, s, &mut a)
@@ -256,9 +282,20 @@ impl Kernels {
         let f = self.linear_fn(m, nt);
         let grid = self.grid_x(f, smem, m.rows as usize, 1)?;
         let (m, ld_in, t, ld_out) = (*m, ld_in as i32, t as i32, ld_out as i32);
-        let LinearExtra { aux, idx_out, red_val, red_idx, counter, topk, sel, wsel } = *extra;
-        let mut a =
-            args!(m, x, ld_in, t, norm_w, eps, out, ld_out, flags, aux, idx_out, red_val, red_idx, counter, topk, sel, wsel);
+        let LinearExtra {
+            aux,
+            idx_out,
+            red_val,
+            red_idx,
+            counter,
+            topk,
+            sel,
+            wsel,
+        } = *extra;
+        let mut a = args!(
+            m, x, ld_in, t, norm_w, eps, out, ld_out, flags, aux, idx_out, red_val, red_idx,
+            counter, topk, sel, wsel
+        );
         launch(f, (grid, 1, 1), smem, s, &mut a)
     }
 
@@ -281,9 +318,17 @@ impl Kernels {
         let f = if nt == 1 { self.qkv1 } else { self.qkv4 };
         let units = dims.nh * 32 + 2 * dims.nkv * 32;
         let grid = self.grid_x(f, smem, units, 1)?;
-        let (layer, h, nh, nkv, eps) = (layer as i32, dims.h as i32, dims.nh as i32, dims.nkv as i32, dims.eps);
+        let (layer, h, nh, nkv, eps) = (
+            layer as i32,
+            dims.h as i32,
+            dims.nh as i32,
+            dims.nkv as i32,
+            dims.eps,
+        );
         let kvf32 = i32::from(dims.kv_f32);
-        let mut a = args!(layer_dev, sp, layer, x, h, nh, nkv, eps, qout, cos, sin, kvf32);
+        let mut a = args!(
+            layer_dev, sp, layer, x, h, nh, nkv, eps, qout, cos, sin, kvf32
+        );
         launch(f, (grid, 1, 1), smem, s, &mut a)
     }
 
@@ -304,8 +349,16 @@ impl Kernels {
     ) -> Result<(), String> {
         let (layer, nh, nkv, smax) = (layer as i32, dims.nh as i32, dims.nkv as i32, SMAX as i32);
         let kvf32 = i32::from(dims.kv_f32);
-        let mut a = args!(layer_dev, sp, layer, q, out, part, counters, nh, nkv, smax, kvf32);
-        launch(self.attn, (dims.nkv as u32, SMAX as u32, t as u32), 0, s, &mut a)
+        let mut a = args!(
+            layer_dev, sp, layer, q, out, part, counters, nh, nkv, smax, kvf32
+        );
+        launch(
+            self.attn,
+            (dims.nkv as u32, SMAX as u32, t as u32),
+            0,
+            s,
+            &mut a,
+        )
     }
 
     /// Expert gate_up + SwiGLU for the `t * k` selected (token, expert) pairs.
@@ -324,7 +377,13 @@ impl Kernels {
     ) -> Result<(), String> {
         let jobs = t * dims.k;
         let grid = self.grid_x(self.moe_gu, smem, dims.inter, jobs)?;
-        let (h, i, k, alpha, limit) = (dims.h as i32, dims.inter as i32, dims.k as i32, dims.alpha, dims.limit);
+        let (h, i, k, alpha, limit) = (
+            dims.h as i32,
+            dims.inter as i32,
+            dims.k as i32,
+            dims.alpha,
+            dims.limit,
+        );
         let mut a = args!(layer_dev, sp, h_buf, h, i, k, sel, act, alpha, limit);
         launch(self.moe_gu, (grid, jobs as u32, 1), smem, s, &mut a)
     }
@@ -351,7 +410,13 @@ impl Kernels {
     }
 
     /// Reads `buf` once (`n16` 16-byte words) with `blocks` blocks.
-    pub fn read_bw(&self, s: &Stream, buf: &DevBuf, out: &DevBuf, blocks: usize) -> Result<(), String> {
+    pub fn read_bw(
+        &self,
+        s: &Stream,
+        buf: &DevBuf,
+        out: &DevBuf,
+        blocks: usize,
+    ) -> Result<(), String> {
         let (src, n16, o) = (buf.ptr, (buf.bytes / 16) as u64, out.ptr);
         let mut a = args!(src, n16, o);
         launch(self.read_bw, (blocks as u32, 1, 1), 0, s, &mut a)
@@ -413,10 +478,17 @@ mod tests {
             .filter(|l| !l.trim().is_empty())
             .map(|l| {
                 let mut it = l.split_whitespace();
-                (it.next().unwrap(), it.next().unwrap().trim_start_matches('*'))
+                (
+                    it.next().unwrap(),
+                    it.next().unwrap().trim_start_matches('*'),
+                )
             })
             .collect();
-        assert_eq!(recorded.len(), KERNEL_SOURCES.len(), "SOURCES.sha256 lists every kernel source");
+        assert_eq!(
+            recorded.len(),
+            KERNEL_SOURCES.len(),
+            "SOURCES.sha256 lists every kernel source"
+        );
         for (name, text) in KERNEL_SOURCES {
             let want = recorded.iter().find(|(_, n)| *n == name).map(|(h, _)| *h);
             let got = crate::sha256::hex(text.as_bytes());

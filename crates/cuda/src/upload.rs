@@ -20,7 +20,8 @@ use gptoss_model::reference::Rope;
 
 use crate::driver::{DevBuf, Gpu};
 use crate::kernels::{
-    K_BF16, K_F16, K_F32, K_MXFP4, K_NF4F, K_NF4N, LayerDev, MAX_GROUP, MAX_LAYERS, MAXK, HEAD_DIM, QMat,
+    HEAD_DIM, K_BF16, K_F16, K_F32, K_MXFP4, K_NF4F, K_NF4N, LayerDev, MAX_GROUP, MAX_LAYERS, MAXK,
+    QMat,
 };
 
 /// Extra ring slots of a sliding layer beyond the window: a prefill chunk writes its keys before
@@ -102,14 +103,22 @@ fn vector_piece(v: &Vector<'_>) -> Piece<'static> {
     Piece::Owned(f32_bytes(&v.to_f32()))
 }
 
-fn add_matrix<'a>(a: &mut Arena<'a>, m: &Matrix<'a>, bias: Option<&Vector<'a>>) -> Result<HostMat, String> {
+fn add_matrix<'a>(
+    a: &mut Arena<'a>,
+    m: &Matrix<'a>,
+    bias: Option<&Vector<'a>>,
+) -> Result<HostMat, String> {
     let (rows, cols) = (m.rows, m.cols);
     let err = |what: String| format!("{}: {what}", m.name);
     if cols % 32 != 0 {
         return Err(err(format!("input width {cols} is not a multiple of 32")));
     }
     let mut h = HostMat {
-        m: QMat { rows: rows as i32, cols: cols as i32, ..QMat::default() },
+        m: QMat {
+            rows: rows as i32,
+            cols: cols as i32,
+            ..QMat::default()
+        },
         ..HostMat::default()
     };
     if m.orientation == Orientation::InOut {
@@ -117,12 +126,24 @@ fn add_matrix<'a>(a: &mut Arena<'a>, m: &Matrix<'a>, bias: Option<&Vector<'a>>) 
         // losslessly: bf16/f16 sources stay bf16/f16, 4-bit sources become f32.
         let values = m.to_f32();
         let (kind, bytes): (i32, Vec<u8>) = match &m.data {
-            MatrixData::Dense { dtype: DType::BF16, .. } => {
-                (K_BF16, values.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect())
-            }
-            MatrixData::Dense { dtype: DType::F16, .. } => {
-                (K_F16, values.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect())
-            }
+            MatrixData::Dense {
+                dtype: DType::BF16, ..
+            } => (
+                K_BF16,
+                values
+                    .iter()
+                    .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                    .collect(),
+            ),
+            MatrixData::Dense {
+                dtype: DType::F16, ..
+            } => (
+                K_F16,
+                values
+                    .iter()
+                    .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                    .collect(),
+            ),
             _ => (K_F32, f32_bytes(&values)),
         };
         h.m.kind = kind;
@@ -140,7 +161,10 @@ fn add_matrix<'a>(a: &mut Arena<'a>, m: &Matrix<'a>, bias: Option<&Vector<'a>>) 
                 h.read_bytes = bytes.len();
                 h.w = a.add(Piece::Borrowed(bytes));
             }
-            MatrixData::Bnb4 { tensor, elem_offset } => {
+            MatrixData::Bnb4 {
+                tensor,
+                elem_offset,
+            } => {
                 if *elem_offset != 0 || tensor.numel != rows * cols {
                     return Err(err("a bnb 4-bit matrix must be a whole tensor".into()));
                 }
@@ -159,9 +183,17 @@ fn add_matrix<'a>(a: &mut Arena<'a>, m: &Matrix<'a>, bias: Option<&Vector<'a>>) 
                         h.s = Some(a.add(Piece::Borrowed(s)));
                         h.read_bytes += s.len();
                     }
-                    Absmax::Nested { codes, nested_absmax, nested_code, nested_blocksize, offset } => {
+                    Absmax::Nested {
+                        codes,
+                        nested_absmax,
+                        nested_code,
+                        nested_blocksize,
+                        offset,
+                    } => {
                         if !nested_blocksize.is_power_of_two() {
-                            return Err(err(format!("nested blocksize {nested_blocksize} is not a power of two")));
+                            return Err(err(format!(
+                                "nested blocksize {nested_blocksize} is not a power of two"
+                            )));
                         }
                         h.m.kind = K_NF4N;
                         h.m.offset = offset;
@@ -233,35 +265,56 @@ pub fn check_config(cfg: &gptoss_formats::GptOssConfig) -> Result<(), String> {
     let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
     let mut problems = Vec::new();
     if cfg.head_dim != HEAD_DIM {
-        problems.push(format!("head_dim {} (the kernels need {HEAD_DIM})", cfg.head_dim));
+        problems.push(format!(
+            "head_dim {} (the kernels need {HEAD_DIM})",
+            cfg.head_dim
+        ));
     }
     if nkv == 0 || nh % nkv != 0 || nh / nkv > MAX_GROUP {
-        problems.push(format!("{nh} query heads over {nkv} KV heads (at most {MAX_GROUP} per group)"));
+        problems.push(format!(
+            "{nh} query heads over {nkv} KV heads (at most {MAX_GROUP} per group)"
+        ));
     }
     if cfg.num_experts_per_tok > MAXK || cfg.num_experts_per_tok == 0 {
-        problems.push(format!("{} experts per token (at most {MAXK})", cfg.num_experts_per_tok));
+        problems.push(format!(
+            "{} experts per token (at most {MAXK})",
+            cfg.num_experts_per_tok
+        ));
     }
     if cfg.num_experts_per_tok > cfg.num_local_experts {
         problems.push("more experts per token than experts".into());
     }
-    for (what, n) in [("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.intermediate_size)] {
+    for (what, n) in [
+        ("hidden_size", cfg.hidden_size),
+        ("intermediate_size", cfg.intermediate_size),
+    ] {
         if n % 64 != 0 {
             problems.push(format!("{what} {n} is not a multiple of 64"));
         }
     }
     if cfg.num_hidden_layers > MAX_LAYERS {
-        problems.push(format!("{} layers (at most {MAX_LAYERS})", cfg.num_hidden_layers));
+        problems.push(format!(
+            "{} layers (at most {MAX_LAYERS})",
+            cfg.num_hidden_layers
+        ));
     }
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(format!("model shape not supported by the CUDA kernels: {}", problems.join("; ")))
+        Err(format!(
+            "model shape not supported by the CUDA kernels: {}",
+            problems.join("; ")
+        ))
     }
 }
 
 impl DeviceModel {
     /// Uploads `w`; RoPE tables cover positions `0..max_context`.
-    pub fn upload(gpu: &Gpu, w: &ModelWeights<'_>, max_context: usize) -> Result<DeviceModel, String> {
+    pub fn upload(
+        gpu: &Gpu,
+        w: &ModelWeights<'_>,
+        max_context: usize,
+    ) -> Result<DeviceModel, String> {
         let cfg = w.config;
         check_config(cfg)?;
         let mut buffers = Vec::new();
@@ -274,7 +327,11 @@ impl DeviceModel {
         let norm = ga.add(vector_piece(&w.norm));
         weight_bytes += ga.size;
         let gbuf = ga.upload(gpu)?;
-        let (embed_q, lm_q, norm_p) = (embed.resolve(gbuf.ptr), lm_head.resolve(gbuf.ptr), gbuf.at(norm));
+        let (embed_q, lm_q, norm_p) = (
+            embed.resolve(gbuf.ptr),
+            lm_head.resolve(gbuf.ptr),
+            gbuf.at(norm),
+        );
         read.lm_head = lm_head.read_bytes as u64;
         read.embed_row = (embed.read_bytes / w.embed.rows.max(1)) as u64;
         buffers.push(gbuf);
@@ -296,9 +353,13 @@ impl DeviceModel {
                 gu.push(add_linear(&mut a, &ex.gate_up)?);
                 dn.push(add_linear(&mut a, &ex.down)?);
             }
-            read.attention_and_router += [&q, &k, &v, &o, &router].iter().map(|m| m.read_bytes as u64).sum::<u64>();
+            read.attention_and_router += [&q, &k, &v, &o, &router]
+                .iter()
+                .map(|m| m.read_bytes as u64)
+                .sum::<u64>();
             let ex_bytes: u64 = gu.iter().chain(&dn).map(|m| m.read_bytes as u64).sum();
-            read.experts += ex_bytes * cfg.num_experts_per_tok as u64 / lw.experts.len().max(1) as u64;
+            read.experts +=
+                ex_bytes * cfg.num_experts_per_tok as u64 / lw.experts.len().max(1) as u64;
             weight_bytes += a.size;
             let buf = a.upload(gpu).map_err(|e| format!("layer {l}: {e}"))?;
             let base = buf.ptr;
@@ -322,8 +383,16 @@ impl DeviceModel {
                 in_norm: buf.at(in_norm),
                 post_norm: buf.at(post_norm),
                 sinks: buf.at(sinks),
-                window: if sliding { cfg.sliding_window as i32 } else { 0 },
-                ring: if sliding { (cfg.sliding_window + RING_EXTRA) as i32 } else { 0 },
+                window: if sliding {
+                    cfg.sliding_window as i32
+                } else {
+                    0
+                },
+                ring: if sliding {
+                    (cfg.sliding_window + RING_EXTRA) as i32
+                } else {
+                    0
+                },
             });
             buffers.extend([buf, gu_t, dn_t]);
         }

@@ -45,7 +45,10 @@ struct Rng(u64);
 
 impl Rng {
     fn fresh() -> Rng {
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
         println!("random seed {seed}");
         Rng(seed)
     }
@@ -78,16 +81,22 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 fn bf16_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect()
+    v.iter()
+        .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+        .collect()
 }
 
 fn f16_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect()
+    v.iter()
+        .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+        .collect()
 }
 
 /// Rounds through bf16 (what the GPU's KV cache holds).
 fn bf16_round(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
+    v.iter()
+        .map(|&x| half::bf16::from_f32(x).to_f32())
+        .collect()
 }
 
 // ------------------------------------------------------------------------------------------
@@ -145,7 +154,15 @@ impl Store {
         self.bufs.len() - 1
     }
 
-    fn linear(&mut self, rng: &mut Rng, rows: usize, cols: usize, kind: Kind, amp: f32, bias: bool) -> LinSpec {
+    fn linear(
+        &mut self,
+        rng: &mut Rng,
+        rows: usize,
+        cols: usize,
+        kind: Kind,
+        amp: f32,
+        bias: bool,
+    ) -> LinSpec {
         let n = rows * cols;
         let mut bufs = [usize::MAX; 5];
         let mut offset = 0.0;
@@ -157,7 +174,9 @@ impl Store {
                 let nblk = n / 64;
                 bufs[0] = self.push(rng.bytes(n / 2));
                 bufs[1] = self.push(rng.bytes(nblk));
-                let nabs: Vec<f32> = (0..nblk.div_ceil(256)).map(|_| amp * (0.6 + 0.4 * rng.f(1.0).abs())).collect();
+                let nabs: Vec<f32> = (0..nblk.div_ceil(256))
+                    .map(|_| amp * (0.6 + 0.4 * rng.f(1.0).abs()))
+                    .collect();
                 bufs[2] = self.push(f32_bytes(&nabs));
                 bufs[3] = self.push(f32_bytes(&NF4));
                 let ncode: Vec<f32> = (0..256).map(|i| (i as f32 - 127.0) / 128.0).collect();
@@ -166,19 +185,30 @@ impl Store {
             }
             Kind::Nf4F32 => {
                 bufs[0] = self.push(rng.bytes(n / 2));
-                let s: Vec<f32> = (0..n / 64).map(|_| amp * (0.5 + rng.f(1.0).abs())).collect();
+                let s: Vec<f32> = (0..n / 64)
+                    .map(|_| amp * (0.5 + rng.f(1.0).abs()))
+                    .collect();
                 bufs[1] = self.push(f32_bytes(&s));
                 bufs[3] = self.push(f32_bytes(&NF4));
             }
             Kind::Mxfp4 => {
                 bufs[0] = self.push(rng.bytes(n / 2));
                 let base = 127 + amp.log2().round() as i32 - 2;
-                let s: Vec<u8> = (0..n / 32).map(|_| (base + (rng.u64() % 3) as i32) as u8).collect();
+                let s: Vec<u8> = (0..n / 32)
+                    .map(|_| (base + (rng.u64() % 3) as i32) as u8)
+                    .collect();
                 bufs[1] = self.push(s);
             }
         }
         let bias = bias.then(|| self.push(f32_bytes(&rng.vec(rows, 0.1))));
-        LinSpec { rows, cols, kind, bufs, offset, bias }
+        LinSpec {
+            rows,
+            cols,
+            kind,
+            bufs,
+            offset,
+            bias,
+        }
     }
 
     fn vector(&mut self, rng: &mut Rng, n: usize, center: f32, amp: f32) -> usize {
@@ -187,15 +217,29 @@ impl Store {
     }
 
     fn vec_view(&self, name: &str, i: usize) -> Vector<'_> {
-        Vector { name: name.into(), dtype: DType::F32, bytes: &self.bufs[i], len: self.bufs[i].len() / 4 }
+        Vector {
+            name: name.into(),
+            dtype: DType::F32,
+            bytes: &self.bufs[i],
+            len: self.bufs[i].len() / 4,
+        }
     }
 
     fn matrix(&self, name: &str, s: &LinSpec) -> Matrix<'_> {
         let b = |i: usize| -> &[u8] { &self.bufs[s.bufs[i]] };
         let data = match s.kind {
-            Kind::Bf16 => MatrixData::Dense { dtype: DType::BF16, bytes: b(0) },
-            Kind::F16 => MatrixData::Dense { dtype: DType::F16, bytes: b(0) },
-            Kind::F32 => MatrixData::Dense { dtype: DType::F32, bytes: b(0) },
+            Kind::Bf16 => MatrixData::Dense {
+                dtype: DType::BF16,
+                bytes: b(0),
+            },
+            Kind::F16 => MatrixData::Dense {
+                dtype: DType::F16,
+                bytes: b(0),
+            },
+            Kind::F32 => MatrixData::Dense {
+                dtype: DType::F32,
+                bytes: b(0),
+            },
             Kind::Nf4Nested | Kind::Nf4F32 => MatrixData::Bnb4 {
                 tensor: Bnb4Tensor {
                     kind: Bnb4Kind::Nf4,
@@ -219,11 +263,20 @@ impl Store {
             },
             Kind::Mxfp4 => MatrixData::Mxfp4(Mxfp4Matrix::new(b(0), b(1), s.rows, s.cols).unwrap()),
         };
-        Matrix { name: name.into(), rows: s.rows, cols: s.cols, orientation: Orientation::OutIn, data }
+        Matrix {
+            name: name.into(),
+            rows: s.rows,
+            cols: s.cols,
+            orientation: Orientation::OutIn,
+            data,
+        }
     }
 
     fn lin(&self, name: &str, s: &LinSpec) -> Linear<'_> {
-        Linear { weight: self.matrix(name, s), bias: s.bias.map(|i| self.vec_view(&format!("{name}.bias"), i)) }
+        Linear {
+            weight: self.matrix(name, s),
+            bias: s.bias.map(|i| self.vec_view(&format!("{name}.bias"), i)),
+        }
     }
 }
 
@@ -253,7 +306,15 @@ struct RandomModel {
 fn config_20b(layers: usize) -> GptOssConfig {
     let mut v = gptoss_formats::synth::preset_config(gptoss_formats::synth::Preset::Gpt20b);
     v["num_hidden_layers"] = layers.into();
-    let types: Vec<&str> = (0..layers).map(|i| if i % 2 == 0 { "sliding_attention" } else { "full_attention" }).collect();
+    let types: Vec<&str> = (0..layers)
+        .map(|i| {
+            if i % 2 == 0 {
+                "sliding_attention"
+            } else {
+                "full_attention"
+            }
+        })
+        .collect();
     v["layer_types"] = serde_json::json!(types);
     GptOssConfig::from_json_str(&v.to_string()).unwrap()
 }
@@ -264,8 +325,14 @@ type LayerKinds = (Kind, Kind, Kind, Kind, Kind);
 impl RandomModel {
     fn new(rng: &mut Rng, kinds: &[LayerKinds]) -> RandomModel {
         let cfg = config_20b(kinds.len());
-        let (h, qd, kvd, e, i, vocab) =
-            (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.num_local_experts, cfg.intermediate_size, cfg.vocab_size);
+        let (h, qd, kvd, e, i, vocab) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.num_local_experts,
+            cfg.intermediate_size,
+            cfg.vocab_size,
+        );
         let mut st = Store::default();
         let embed = st.linear(rng, vocab, h, Kind::Bf16, 1.0, false);
         let lm_head = st.linear(rng, vocab, h, Kind::Bf16, 0.03, false);
@@ -278,14 +345,25 @@ impl RandomModel {
                 v: st.linear(rng, kvd, h, kv, 0.03, true),
                 o: st.linear(rng, h, qd, ko, 0.03, true),
                 router: st.linear(rng, e, h, Kind::Bf16, 0.03, true),
-                gu: (0..e).map(|_| st.linear(rng, 2 * i, h, ke, 0.02, true)).collect(),
-                dn: (0..e).map(|_| st.linear(rng, h, i, ke, 0.02, true)).collect(),
+                gu: (0..e)
+                    .map(|_| st.linear(rng, 2 * i, h, ke, 0.02, true))
+                    .collect(),
+                dn: (0..e)
+                    .map(|_| st.linear(rng, h, i, ke, 0.02, true))
+                    .collect(),
                 in_norm: st.vector(rng, h, 1.0, 0.1),
                 post_norm: st.vector(rng, h, 1.0, 0.1),
                 sinks: st.vector(rng, cfg.num_attention_heads, 0.0, 1.0),
             });
         }
-        RandomModel { cfg, store: st, embed, lm_head, norm, layers }
+        RandomModel {
+            cfg,
+            store: st,
+            embed,
+            lm_head,
+            norm,
+            layers,
+        }
     }
 
     fn weights(&self) -> ModelWeights<'_> {
@@ -367,21 +445,42 @@ impl Checks {
         Checks { rows: Vec::new() }
     }
     fn add(&mut self, what: &str, err: f32, tol: f32) {
-        println!("  {what:<48} rel err {err:.3e} (tol {tol:.0e}) {}", if err <= tol { "ok" } else { "FAIL" });
+        println!(
+            "  {what:<48} rel err {err:.3e} (tol {tol:.0e}) {}",
+            if err <= tol { "ok" } else { "FAIL" }
+        );
         self.rows.push((what.into(), err, tol));
     }
     fn assert_all(&self) {
-        let bad: Vec<_> = self.rows.iter().filter(|(_, e, t)| e.is_nan() || e > t).collect();
+        let bad: Vec<_> = self
+            .rows
+            .iter()
+            .filter(|(_, e, t)| e.is_nan() || e > t)
+            .collect();
         assert!(bad.is_empty(), "failed checks: {bad:?}");
     }
 }
 
 /// Runs layer `l` kernel by kernel on random inputs and checks every stage against the
 /// reference computed from the GPU's own inputs of that stage.
-fn check_layer(be: &mut CudaBackend, w: &ModelWeights<'_>, rng: &mut Rng, l: usize, t: usize, pos0: usize, ck: &mut Checks) {
+fn check_layer(
+    be: &mut CudaBackend,
+    w: &ModelWeights<'_>,
+    rng: &mut Rng,
+    l: usize,
+    t: usize,
+    pos0: usize,
+    ck: &mut Checks,
+) {
     let cfg = w.config;
-    let (h, qd, kvd, nh, nkv, hd) =
-        (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let (h, qd, kvd, nh, nkv, hd) = (
+        cfg.hidden_size,
+        cfg.q_dim(),
+        cfg.kv_dim(),
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
     let (kk, inter) = (cfg.num_experts_per_tok, cfg.intermediate_size);
     let lw = &w.layers[l];
     let eps = cfg.rms_norm_eps as f32;
@@ -401,8 +500,16 @@ fn check_layer(be: &mut CudaBackend, w: &ModelWeights<'_>, rng: &mut Rng, l: usi
     rope.apply_rows(&mut q, &positions);
     rope.apply_rows(&mut k, &positions);
     ck.add(&format!("{tag} k_qkv q"), rel_err(&tr.q, &q), 2e-3);
-    ck.add(&format!("{tag} k_qkv k (bf16 cache)"), rel_err(&tr.k_new, &k), 1e-2);
-    ck.add(&format!("{tag} k_qkv v (bf16 cache)"), rel_err(&tr.v_new, &v), 1e-2);
+    ck.add(
+        &format!("{tag} k_qkv k (bf16 cache)"),
+        rel_err(&tr.k_new, &k),
+        1e-2,
+    );
+    ck.add(
+        &format!("{tag} k_qkv v (bf16 cache)"),
+        rel_err(&tr.v_new, &v),
+        1e-2,
+    );
 
     // k_attn on the GPU's q and cache contents.
     let window = cfg.is_sliding(l).then_some(cfg.sliding_window);
@@ -417,7 +524,15 @@ fn check_layer(be: &mut CudaBackend, w: &ModelWeights<'_>, rng: &mut Rng, l: usi
             let qi = &tr.q[i * qd + hq * hd..][..hd];
             let key = |j: usize| &keys[j * kvd + g * hd..][..hd];
             let value = |j: usize| &vals[j * kvd + g * hd..][..hd];
-            attend(qi, visible_keys(pos0 + i, window), key, value, sinks[hq], 0.125, &mut attn[i * qd + hq * hd..][..hd]);
+            attend(
+                qi,
+                visible_keys(pos0 + i, window),
+                key,
+                value,
+                sinks[hq],
+                0.125,
+                &mut attn[i * qd + hq * hd..][..hd],
+            );
         }
     }
     ck.add(&format!("{tag} k_attn"), rel_err(&tr.attn, &attn), 2e-3);
@@ -425,13 +540,25 @@ fn check_layer(be: &mut CudaBackend, w: &ModelWeights<'_>, rng: &mut Rng, l: usi
     // o_proj + residual.
     let o = linear(&tr.attn, t, &lw.o);
     let x_attn: Vec<f32> = x.iter().zip(&o).map(|(a, b)| a + b).collect();
-    ck.add(&format!("{tag} k_linear o_proj+residual"), rel_err(&tr.x_attn, &x_attn), 2e-3);
+    ck.add(
+        &format!("{tag} k_linear o_proj+residual"),
+        rel_err(&tr.x_attn, &x_attn),
+        2e-3,
+    );
 
     // router: rmsnorm + logits + top-k.
     let hn2 = rmsnorm(&tr.x_attn, &lw.post_norm.to_f32(), eps);
-    ck.add(&format!("{tag} k_linear router: rmsnorm"), rel_err(&tr.h, &hn2), 1e-4);
+    ck.add(
+        &format!("{tag} k_linear router: rmsnorm"),
+        rel_err(&tr.h, &hn2),
+        1e-4,
+    );
     let logits = linear(&tr.h, t, &lw.router);
-    ck.add(&format!("{tag} k_linear router: logits"), rel_err(&tr.router_logits, &logits), 2e-3);
+    ck.add(
+        &format!("{tag} k_linear router: logits"),
+        rel_err(&tr.router_logits, &logits),
+        2e-3,
+    );
     let e = cfg.num_local_experts;
     let mut sel_ok = true;
     let mut wsel_ref = Vec::new();
@@ -442,8 +569,16 @@ fn check_layer(be: &mut CudaBackend, w: &ModelWeights<'_>, rng: &mut Rng, l: usi
             wsel_ref.push(*we);
         }
     }
-    ck.add(&format!("{tag} k_linear router: top-k selection"), if sel_ok { 0.0 } else { 1.0 }, 0.0);
-    ck.add(&format!("{tag} k_linear router: softmax weights"), rel_err(&tr.wsel, &wsel_ref), 1e-5);
+    ck.add(
+        &format!("{tag} k_linear router: top-k selection"),
+        if sel_ok { 0.0 } else { 1.0 },
+        0.0,
+    );
+    ck.add(
+        &format!("{tag} k_linear router: softmax weights"),
+        rel_err(&tr.wsel, &wsel_ref),
+        1e-5,
+    );
 
     // Experts: gate_up + SwiGLU on the GPU's h and selection.
     let mut act = vec![0f32; t * kk * inter];
@@ -451,10 +586,19 @@ fn check_layer(be: &mut CudaBackend, w: &ModelWeights<'_>, rng: &mut Rng, l: usi
         for j in 0..kk {
             let ex = &lw.experts[tr.sel[i * kk + j] as usize];
             let gu = linear(&tr.h[i * h..(i + 1) * h], 1, &ex.gate_up);
-            swiglu(&gu, gptoss_formats::config::SWIGLU_ALPHA, cfg.swiglu_limit as f32, &mut act[(i * kk + j) * inter..][..inter]);
+            swiglu(
+                &gu,
+                gptoss_formats::config::SWIGLU_ALPHA,
+                cfg.swiglu_limit as f32,
+                &mut act[(i * kk + j) * inter..][..inter],
+            );
         }
     }
-    ck.add(&format!("{tag} k_moe_gu ({})", lw.experts[0].gate_up.weight.kind()), rel_err(&tr.act, &act), 2e-3);
+    ck.add(
+        &format!("{tag} k_moe_gu ({})", lw.experts[0].gate_up.weight.kind()),
+        rel_err(&tr.act, &act),
+        2e-3,
+    );
 
     // down + weighted sum + residual on the GPU's act.
     let mut x_out = tr.x_attn.clone();
@@ -467,11 +611,22 @@ fn check_layer(be: &mut CudaBackend, w: &ModelWeights<'_>, rng: &mut Rng, l: usi
             }
         }
     }
-    ck.add(&format!("{tag} k_moe_dn ({})", lw.experts[0].down.weight.kind()), rel_err(&tr.x_out, &x_out), 2e-3);
+    ck.add(
+        &format!("{tag} k_moe_dn ({})", lw.experts[0].down.weight.kind()),
+        rel_err(&tr.x_out, &x_out),
+        2e-3,
+    );
 }
 
 fn step(seq: u64, tokens: Vec<u32>, start_pos: usize, want: LogitsWanted) -> StepBatch {
-    StepBatch { steps: vec![SeqStep { seq, tokens, start_pos, want_logits: want }] }
+    StepBatch {
+        steps: vec![SeqStep {
+            seq,
+            tokens,
+            start_pos,
+            want_logits: want,
+        }],
+    }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -505,13 +660,35 @@ fn kernels_match_reference_at_20b_shapes() {
     let rm = RandomModel::new(
         &mut rng,
         &[
-            (Kind::Bf16, Kind::Bf16, Kind::Bf16, Kind::Bf16, Kind::Nf4Nested),
-            (Kind::Nf4Nested, Kind::Nf4F32, Kind::F16, Kind::F32, Kind::Mxfp4),
+            (
+                Kind::Bf16,
+                Kind::Bf16,
+                Kind::Bf16,
+                Kind::Bf16,
+                Kind::Nf4Nested,
+            ),
+            (
+                Kind::Nf4Nested,
+                Kind::Nf4F32,
+                Kind::F16,
+                Kind::F32,
+                Kind::Mxfp4,
+            ),
         ],
     );
     let w = rm.weights();
-    println!("random 2-layer 20b-width model built in {:.1} s", t0.elapsed().as_secs_f64());
-    let mut be = CudaBackend::from_weights(&w, CudaOptions { max_context: 8192, ..CudaOptions::default() }).unwrap();
+    println!(
+        "random 2-layer 20b-width model built in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let mut be = CudaBackend::from_weights(
+        &w,
+        CudaOptions {
+            max_context: 8192,
+            ..CudaOptions::default()
+        },
+    )
+    .unwrap();
     println!("device: {:?}", be.device());
     let mut ck = Checks::new();
     check_layer(&mut be, &w, &mut rng, 0, 1, 300, &mut ck);
@@ -526,21 +703,49 @@ fn kernels_match_reference_at_20b_shapes() {
     // against the reference with bf16-rounded K/V (an f32-KV comparison could flip a near-tied
     // router choice on random weights and is made below with the f32 cache instead).
     let (emu_logits, emu_tokens) = reference_bf16_kv(&w, &prompt, steps);
-    let got = be.forward(&step(1, prompt.clone(), 0, LogitsWanted::Last)).unwrap();
+    let got = be
+        .forward(&step(1, prompt.clone(), 0, LogitsWanted::Last))
+        .unwrap();
     let mut worst = rel_err(got.step(0), &emu_logits[0]);
     let mut agree = usize::from(argmax(got.step(0)) as u32 == emu_tokens[0]);
     for s in 0..steps {
-        let got = be.forward(&step(1, vec![emu_tokens[s]], prompt.len() + s, LogitsWanted::Last)).unwrap();
+        let got = be
+            .forward(&step(
+                1,
+                vec![emu_tokens[s]],
+                prompt.len() + s,
+                LogitsWanted::Last,
+            ))
+            .unwrap();
         worst = worst.max(rel_err(got.step(0), &emu_logits[s + 1]));
-        let want = if s + 1 < steps { emu_tokens[s + 1] } else { argmax(&emu_logits[steps]) as u32 };
+        let want = if s + 1 < steps {
+            emu_tokens[s + 1]
+        } else {
+            argmax(&emu_logits[steps]) as u32
+        };
         agree += usize::from(argmax(got.step(0)) as u32 == want);
     }
-    ck.add("model [bf16 KV]: logits vs reference with bf16 K/V, 9-token prompt (4+4+1) + 8 steps", worst, 1e-3);
-    ck.add(&format!("model [bf16 KV]: greedy agreement {agree}/{}", steps + 1), (steps + 1 - agree) as f32, 0.0);
+    ck.add(
+        "model [bf16 KV]: logits vs reference with bf16 K/V, 9-token prompt (4+4+1) + 8 steps",
+        worst,
+        1e-3,
+    );
+    ck.add(
+        &format!("model [bf16 KV]: greedy agreement {agree}/{}", steps + 1),
+        (steps + 1 - agree) as f32,
+        0.0,
+    );
     drop(be);
     {
-        let mut be32 =
-            CudaBackend::from_weights(&w, CudaOptions { max_context: 8192, kv_f32: true, ..CudaOptions::default() }).unwrap();
+        let mut be32 = CudaBackend::from_weights(
+            &w,
+            CudaOptions {
+                max_context: 8192,
+                kv_f32: true,
+                ..CudaOptions::default()
+            },
+        )
+        .unwrap();
         println!("  (f32 KV cache)");
         check_layer(&mut be32, &w, &mut rng, 1, 1, 4100, &mut ck);
         check_layer(&mut be32, &w, &mut rng, 0, 4, 300, &mut ck);
@@ -549,20 +754,32 @@ fn kernels_match_reference_at_20b_shapes() {
         let mut cache = reference.new_cache();
         let pos: Vec<usize> = (0..prompt.len()).collect();
         let want = reference.forward(&prompt, &pos, &mut cache).unwrap();
-        let got = be32.forward(&step(1, prompt.clone(), 0, LogitsWanted::All)).unwrap();
+        let got = be32
+            .forward(&step(1, prompt.clone(), 0, LogitsWanted::All))
+            .unwrap();
         let mut worst = rel_err(got.step(0), &want);
         let mut tok = argmax(&want[(prompt.len() - 1) * vocab..]) as u32;
         let mut agree = 0;
         for s in 0..steps {
             let p = prompt.len() + s;
             let want = reference.forward(&[tok], &[p], &mut cache).unwrap();
-            let got = be32.forward(&step(1, vec![tok], p, LogitsWanted::Last)).unwrap();
+            let got = be32
+                .forward(&step(1, vec![tok], p, LogitsWanted::Last))
+                .unwrap();
             worst = worst.max(rel_err(got.step(0), &want));
             agree += usize::from(argmax(got.step(0)) == argmax(&want));
             tok = argmax(&want) as u32;
         }
-        ck.add("model [f32 KV]: logits vs f32 reference, 9-token prompt (all rows) + 8 steps", worst, 1e-2);
-        ck.add(&format!("model [f32 KV]: greedy agreement {agree}/{steps}"), (steps - agree) as f32, 0.0);
+        ck.add(
+            "model [f32 KV]: logits vs f32 reference, 9-token prompt (all rows) + 8 steps",
+            worst,
+            1e-2,
+        );
+        ck.add(
+            &format!("model [f32 KV]: greedy agreement {agree}/{steps}"),
+            (steps - agree) as f32,
+            0.0,
+        );
     }
     ck.assert_all();
 }
@@ -575,21 +792,36 @@ fn fixture_dirs() -> Vec<PathBuf> {
         Err(_) if Path::new("fixtures").is_dir() => PathBuf::from("fixtures"),
         Err(_) => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"),
     };
-    ["tiny-unsloth-nf4", "tiny-mxfp4", "tiny-bf16", "tiny-fused-nf4"]
-        .iter()
-        .map(|n| root.join(n))
-        .filter(|p| p.join("config.json").exists())
-        .collect()
+    [
+        "tiny-unsloth-nf4",
+        "tiny-mxfp4",
+        "tiny-bf16",
+        "tiny-fused-nf4",
+    ]
+    .iter()
+    .map(|n| root.join(n))
+    .filter(|p| p.join("config.json").exists())
+    .collect()
 }
 
 /// The reference forward with the KV cache rounded to bf16 (what the GPU stores by default),
 /// built from the reference's own pieces: logits of the last token of each step, feeding
 /// `prompt` then the greedy tokens, `steps` decode steps. Returns (logits per step, tokens fed
 /// after the prompt).
-fn reference_bf16_kv(w: &ModelWeights<'_>, prompt: &[u32], steps: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
+fn reference_bf16_kv(
+    w: &ModelWeights<'_>,
+    prompt: &[u32],
+    steps: usize,
+) -> (Vec<Vec<f32>>, Vec<u32>) {
     let cfg = w.config;
-    let (h, qd, kvd, nh, nkv, hd) =
-        (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let (h, qd, kvd, nh, nkv, hd) = (
+        cfg.hidden_size,
+        cfg.q_dim(),
+        cfg.kv_dim(),
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
     let rope = Rope::from_config(cfg);
     let eps = cfg.rms_norm_eps as f32;
     let reference = ReferenceModel::new(w.clone());
@@ -621,7 +853,15 @@ fn reference_bf16_kv(w: &ModelWeights<'_>, prompt: &[u32], steps: usize) -> (Vec
                     let g = hq / (nh / nkv);
                     let key = |j: usize| &kc[l][j * kvd + g * hd..][..hd];
                     let value = |j: usize| &vc[l][j * kvd + g * hd..][..hd];
-                    attend(&q[i * qd + hq * hd..][..hd], visible_keys(p0 + i, window), key, value, sinks[hq], 0.125, &mut o[i * qd + hq * hd..][..hd]);
+                    attend(
+                        &q[i * qd + hq * hd..][..hd],
+                        visible_keys(p0 + i, window),
+                        key,
+                        value,
+                        sinks[hq],
+                        0.125,
+                        &mut o[i * qd + hq * hd..][..hd],
+                    );
                 }
             }
             for (xv, av) in x.iter_mut().zip(linear(&o, t, &lw.o)) {
@@ -635,8 +875,16 @@ fn reference_bf16_kv(w: &ModelWeights<'_>, prompt: &[u32], steps: usize) -> (Vec
                     let ex = &lw.experts[ei];
                     let gu = linear(&hn2[i * h..(i + 1) * h], 1, &ex.gate_up);
                     let mut act = vec![0f32; cfg.intermediate_size];
-                    swiglu(&gu, gptoss_formats::config::SWIGLU_ALPHA, cfg.swiglu_limit as f32, &mut act);
-                    for (xv, yv) in x[i * h..(i + 1) * h].iter_mut().zip(linear(&act, 1, &ex.down)) {
+                    swiglu(
+                        &gu,
+                        gptoss_formats::config::SWIGLU_ALPHA,
+                        cfg.swiglu_limit as f32,
+                        &mut act,
+                    );
+                    for (xv, yv) in x[i * h..(i + 1) * h]
+                        .iter_mut()
+                        .zip(linear(&act, 1, &ex.down))
+                    {
                         *xv += we * yv;
                     }
                 }
@@ -660,7 +908,10 @@ fn fixtures_match_cpu_backend() {
     }
     let mut ck = Checks::new();
     let dirs = fixture_dirs();
-    assert!(!dirs.is_empty(), "no fixture checkpoints found (set GPTOSS_FIXTURES)");
+    assert!(
+        !dirs.is_empty(),
+        "no fixture checkpoints found (set GPTOSS_FIXTURES)"
+    );
     let n = 32;
     for dir in dirs {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
@@ -668,34 +919,77 @@ fn fixtures_match_cpu_backend() {
         let vocab = cpu.config().vocab_size;
         let prompt: Vec<u32> = (0..7u32).map(|i| (i * 37 + 11) % vocab as u32).collect();
         // The f32 reference (CPU backend): prompt logits, then 32 greedy steps.
-        let mut cpu_logits = vec![cpu.forward(&step(1, prompt.clone(), 0, LogitsWanted::All)).unwrap().step(0).to_vec()];
+        let mut cpu_logits = vec![
+            cpu.forward(&step(1, prompt.clone(), 0, LogitsWanted::All))
+                .unwrap()
+                .step(0)
+                .to_vec(),
+        ];
         let mut cpu_tokens = vec![argmax(&cpu_logits[0][(prompt.len() - 1) * vocab..]) as u32];
         for s in 0..n {
-            let l = cpu.forward(&step(1, vec![cpu_tokens[s]], prompt.len() + s, LogitsWanted::Last)).unwrap();
+            let l = cpu
+                .forward(&step(
+                    1,
+                    vec![cpu_tokens[s]],
+                    prompt.len() + s,
+                    LogitsWanted::Last,
+                ))
+                .unwrap();
             cpu_tokens.push(argmax(l.step(0)) as u32);
             cpu_logits.push(l.step(0).to_vec());
         }
         // GPU with an f32 KV cache: the same computation as the reference.
-        let opts = CudaOptions { kv_f32: true, ..CudaOptions::default() };
+        let opts = CudaOptions {
+            kv_f32: true,
+            ..CudaOptions::default()
+        };
         let mut gpu = CudaBackend::open(&dir, opts).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let got = gpu.forward(&step(1, prompt.clone(), 0, LogitsWanted::All)).unwrap();
+        let got = gpu
+            .forward(&step(1, prompt.clone(), 0, LogitsWanted::All))
+            .unwrap();
         let mut worst = rel_err(got.step(0), &cpu_logits[0]);
         let mut agree = 0;
         for s in 0..n {
-            let got = gpu.forward(&step(1, vec![cpu_tokens[s]], prompt.len() + s, LogitsWanted::Last)).unwrap();
+            let got = gpu
+                .forward(&step(
+                    1,
+                    vec![cpu_tokens[s]],
+                    prompt.len() + s,
+                    LogitsWanted::Last,
+                ))
+                .unwrap();
             worst = worst.max(rel_err(got.step(0), &cpu_logits[s + 1]));
             agree += usize::from(argmax(got.step(0)) as u32 == cpu_tokens[s + 1]);
         }
-        ck.add(&format!("{name} [f32 KV]: logits vs CPU, 7-token prompt + {n} steps"), worst, 1e-2);
-        ck.add(&format!("{name} [f32 KV]: greedy agreement {agree}/{n}"), (n - agree) as f32, 0.0);
+        ck.add(
+            &format!("{name} [f32 KV]: logits vs CPU, 7-token prompt + {n} steps"),
+            worst,
+            1e-2,
+        );
+        ck.add(
+            &format!("{name} [f32 KV]: greedy agreement {agree}/{n}"),
+            (n - agree) as f32,
+            0.0,
+        );
         let mut g = gpu.prefill_greedy(2, &prompt).unwrap();
         let mut chain = vec![g];
         for _ in 0..n {
             g = gpu.decode_greedy(2, g).unwrap();
             chain.push(g);
         }
-        let same = chain.iter().zip(&cpu_tokens).take_while(|(a, b)| a == b).count();
-        ck.add(&format!("{name} [f32 KV]: CUDA-graph greedy chain = CPU ({same}/{})", n + 1), (n + 1 - same) as f32, 0.0);
+        let same = chain
+            .iter()
+            .zip(&cpu_tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        ck.add(
+            &format!(
+                "{name} [f32 KV]: CUDA-graph greedy chain = CPU ({same}/{})",
+                n + 1
+            ),
+            (n + 1 - same) as f32,
+            0.0,
+        );
         // Contract checks.
         assert!(matches!(
             gpu.forward(&step(1, vec![1], 3, LogitsWanted::Last)),
@@ -703,8 +997,14 @@ fn fixtures_match_cpu_backend() {
         ));
         gpu.release(1);
         assert_eq!(gpu.cached_len(1), None);
-        let again = gpu.forward(&step(1, prompt.clone(), 0, LogitsWanted::Last)).unwrap();
-        ck.add(&format!("{name} [f32 KV]: after release, prompt again"), rel_err(again.step(0), &cpu_logits[0][(prompt.len() - 1) * vocab..]), 1e-2);
+        let again = gpu
+            .forward(&step(1, prompt.clone(), 0, LogitsWanted::Last))
+            .unwrap();
+        ck.add(
+            &format!("{name} [f32 KV]: after release, prompt again"),
+            rel_err(again.step(0), &cpu_logits[0][(prompt.len() - 1) * vocab..]),
+            1e-2,
+        );
         drop(gpu);
 
         // GPU with the default bf16 KV cache, against the reference with bf16-rounded K/V.
@@ -712,27 +1012,57 @@ fn fixtures_match_cpu_backend() {
         let w = ModelWeights::new(&ckpt).unwrap();
         let (emu_logits, emu_tokens) = reference_bf16_kv(&w, &prompt, n);
         let mut gpu = CudaBackend::open(&dir, CudaOptions::default()).unwrap();
-        let got = gpu.forward(&step(1, prompt.clone(), 0, LogitsWanted::Last)).unwrap();
+        let got = gpu
+            .forward(&step(1, prompt.clone(), 0, LogitsWanted::Last))
+            .unwrap();
         let mut worst = rel_err(got.step(0), &emu_logits[0]);
         let mut worst_f32 = rel_err(got.step(0), &cpu_logits[0][(prompt.len() - 1) * vocab..]);
         for s in 0..n {
-            let got = gpu.forward(&step(1, vec![emu_tokens[s]], prompt.len() + s, LogitsWanted::Last)).unwrap();
+            let got = gpu
+                .forward(&step(
+                    1,
+                    vec![emu_tokens[s]],
+                    prompt.len() + s,
+                    LogitsWanted::Last,
+                ))
+                .unwrap();
             worst = worst.max(rel_err(got.step(0), &emu_logits[s + 1]));
             if emu_tokens[..=s] == cpu_tokens[..=s] {
                 worst_f32 = worst_f32.max(rel_err(got.step(0), &cpu_logits[s + 1]));
             }
         }
-        ck.add(&format!("{name} [bf16 KV]: logits vs reference with bf16 K/V"), worst, 1e-3);
-        println!("  {name} [bf16 KV]: logits vs the f32 reference (information): rel err {worst_f32:.3e}");
+        ck.add(
+            &format!("{name} [bf16 KV]: logits vs reference with bf16 K/V"),
+            worst,
+            1e-3,
+        );
+        println!(
+            "  {name} [bf16 KV]: logits vs the f32 reference (information): rel err {worst_f32:.3e}"
+        );
         let mut g = gpu.prefill_greedy(2, &prompt).unwrap();
         let mut chain = vec![g];
         for _ in 0..n {
             g = gpu.decode_greedy(2, g).unwrap();
             chain.push(g);
         }
-        let emu_chain: Vec<u32> = emu_tokens.iter().copied().chain([argmax(&emu_logits[n]) as u32]).collect();
-        let same = chain.iter().zip(&emu_chain).take_while(|(a, b)| a == b).count();
-        ck.add(&format!("{name} [bf16 KV]: CUDA-graph greedy chain = bf16-KV reference ({same}/{})", n + 1), (n + 1 - same) as f32, 0.0);
+        let emu_chain: Vec<u32> = emu_tokens
+            .iter()
+            .copied()
+            .chain([argmax(&emu_logits[n]) as u32])
+            .collect();
+        let same = chain
+            .iter()
+            .zip(&emu_chain)
+            .take_while(|(a, b)| a == b)
+            .count();
+        ck.add(
+            &format!(
+                "{name} [bf16 KV]: CUDA-graph greedy chain = bf16-KV reference ({same}/{})",
+                n + 1
+            ),
+            (n + 1 - same) as f32,
+            0.0,
+        );
     }
     ck.assert_all();
 }
@@ -747,7 +1077,14 @@ fn synthetic_20b_checkpoint() {
         return;
     }
     let t0 = Instant::now();
-    let mut be = CudaBackend::open(Path::new(&dir), CudaOptions { max_context: 16384, ..CudaOptions::default() }).unwrap();
+    let mut be = CudaBackend::open(
+        Path::new(&dir),
+        CudaOptions {
+            max_context: 16384,
+            ..CudaOptions::default()
+        },
+    )
+    .unwrap();
     println!(
         "loaded {dir} in {:.2} s ({:.2} GB of weights on the GPU)",
         t0.elapsed().as_secs_f64(),
@@ -766,9 +1103,18 @@ fn synthetic_20b_checkpoint() {
     let t1 = Instant::now();
     let first = be.prefill_greedy(7, &prompt).unwrap();
     let secs = t1.elapsed().as_secs_f64();
-    println!("prefill of {n} tokens: {secs:.2} s ({:.0} tok/s), next token {first}", n as f64 / secs);
-    let got = be.forward(&step(7, vec![first], n, LogitsWanted::Last)).unwrap();
+    println!(
+        "prefill of {n} tokens: {secs:.2} s ({:.0} tok/s), next token {first}",
+        n as f64 / secs
+    );
+    let got = be
+        .forward(&step(7, vec![first], n, LogitsWanted::Last))
+        .unwrap();
     let finite = got.step(0).iter().all(|x| x.is_finite());
-    ck.add("8300-token prompt: logits finite", if finite { 0.0 } else { 1.0 }, 0.0);
+    ck.add(
+        "8300-token prompt: logits finite",
+        if finite { 0.0 } else { 1.0 },
+        0.0,
+    );
     ck.assert_all();
 }

@@ -69,14 +69,19 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let dev = be.device().clone();
     let weight_bytes = be.load_report().weight_bytes;
     let (free0, total) = be.memory()?;
-    let bw = be.read_bandwidth(((a.bw_gib * (1u64 << 30) as f64) as usize).min(free0 / 2), 10)?;
+    let bw = be.read_bandwidth(
+        ((a.bw_gib * (1u64 << 30) as f64) as usize).min(free0 / 2),
+        10,
+    )?;
     let vocab = be.config().vocab_size as u64;
     let mut peak_used = total - free0;
     let mut runs = Vec::new();
     let mut rng = 0x2545_F491_4F6C_DD1Du64;
     for (i, &p) in a.prompt_len.iter().enumerate() {
         let seq = 1000 + i as u64;
-        let prompt: Vec<u32> = (0..p).map(|_| (xorshift(&mut rng) % vocab) as u32).collect();
+        let prompt: Vec<u32> = (0..p)
+            .map(|_| (xorshift(&mut rng) % vocab) as u32)
+            .collect();
         let t = Instant::now();
         let mut tok = be.prefill_greedy(seq, &prompt)?;
         let prefill_s = t.elapsed().as_secs_f64();
@@ -89,7 +94,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         let decode_s = t.elapsed().as_secs_f64();
         let ctx_mid = p + 1 + a.gen_len / 2;
         let device_ms = be.time_step(seq, 1, 20)?;
-        let profile = if a.profile { be.profile_decode(seq, 5)? } else { Vec::new() };
+        let profile = if a.profile {
+            be.profile_decode(seq, 5)?
+        } else {
+            Vec::new()
+        };
         let (free, _) = be.memory()?;
         peak_used = peak_used.max(total - free);
         be.release(seq);
@@ -156,7 +165,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     );
     println!(
         "{:>7} {:>12} {:>11} {:>9} {:>10} {:>10} {:>9} {:>9}",
-        "prompt", "prefill t/s", "decode t/s", "ms/tok", "dev ms/tok", "GB/tok", "roofline", "fraction"
+        "prompt",
+        "prefill t/s",
+        "decode t/s",
+        "ms/tok",
+        "dev ms/tok",
+        "GB/tok",
+        "roofline",
+        "fraction"
     );
     for r in &runs {
         println!(
@@ -172,7 +188,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         );
         if let Some(k) = r["kernel_ms"].as_array().filter(|k| !k.is_empty()) {
             for e in k {
-                println!("          {:<32} {:>8.3} ms", e["kernel"].as_str().unwrap_or(""), e["ms"].as_f64().unwrap_or(0.0));
+                println!(
+                    "          {:<32} {:>8.3} ms",
+                    e["kernel"].as_str().unwrap_or(""),
+                    e["ms"].as_f64().unwrap_or(0.0)
+                );
             }
         }
     }
