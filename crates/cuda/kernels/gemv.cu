@@ -25,8 +25,9 @@
 //                job j = (t, k) = (j / K, j % K), expert e = sel[j]; unit i < I = rows (2i, 2i+1)
 //                of gate_up[e] (gate, up interleaved) -> act[j, i] = clamped SwiGLU.
 // k_moe_dn       grid (gx, T), block 256, dyn smem = K*padded(I)*4 + K*64.
-//                unit u < H/2, rows r = 2u, 2u+1: x[t, r] += sum_k wsel[t,k] * (down[sel[t,k]][r, :]
-//                . act[t*K+k, :] + bias[r]) in k order (deterministic, no float atomics).
+//                rows r = 2p, 2p+1 (warp = (row pair, expert k)): x[t, r] += sum_k wsel[t,k] *
+//                (down[sel[t,k]][r, :] . act[t*K+k, :] + bias[r]), summed in k order through
+//                shared memory (deterministic, no float atomics).
 // Every GEMV kernel prefetches (into L2) the rows of its first PF units before its prologue and
 // of unit n+PF while computing unit n (k_linear only for matrices of <= 8 rows per warp), and
 // loads its activations with all loads in flight at once.
@@ -322,7 +323,9 @@ extern "C" __global__ void __launch_bounds__(256, 3) k_moe_gu(const LayerDev* L,
     }
 }
 
-// Units of k_moe_dn: rows (2u, 2u+1) of the K selected experts' down projections.
+// k_moe_dn: warp w of a block computes rows (2p, 2p+1), p = base + w / K, of expert k = w % K
+// (8 / K row pairs per block iteration, all K experts' loads in flight at once); the K weighted
+// partial sums meet in shared memory and are added to x in expert order.
 extern "C" __global__ void __launch_bounds__(256, 3) k_moe_dn(const LayerDev* L, const StepParams* sp, const float* act, int H,
                                          int I, int K, const int* sel, const float* wsel, float* x) {
     float* smem = reinterpret_cast<float*>(smem4);
@@ -333,35 +336,50 @@ extern "C" __global__ void __launch_bounds__(256, 3) k_moe_dn(const LayerDev* L,
     __shared__ float luts[MAXK * 16];
     __shared__ QMat mats[MAXK];
     __shared__ float wk[MAXK];
+    __shared__ float partial[WARPS][2];
     if (threadIdx.x < K) {
         mats[threadIdx.x] = L->dn[sel[t * K + threadIdx.x]];
         wk[threadIdx.x] = wsel[t * K + threadIdx.x];
     }
     __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int units = H >> 1;
-    const int u0 = blockIdx.x * WARPS + warp, stride = gridDim.x * WARPS;
-    for (int k = 0; k < K; k++)
-        for (int p = 0; p < PF; p++)
-            if (u0 + p * stride < units) prefetch_rows(mats[k], 2 * (u0 + p * stride), 2, lane);
-    for (int k = 0; k < K; k++) build_lut(luts + 16 * k, mats[k]);
+    const int groups = WARPS / K;           // row pairs per block iteration
+    const bool active = warp < groups * K;  // warps beyond groups*K idle (K = 3)
+    const int k = warp % K, lp = warp / K;
+    const int pairs = H >> 1;
+    const int stride = gridDim.x * groups;
+    const QMat& m = mats[k];
+    if (active)
+        for (int q = 0; q < PF; q++) {
+            int p = blockIdx.x * groups + lp + q * stride;
+            if (p < pairs) prefetch_rows(m, 2 * p, 2, lane);
+        }
+    for (int kk = 0; kk < K; kk++) build_lut(luts + 16 * kk, mats[kk]);
     load_rows<12>(xs, xstride, act + (size_t)t * K * I, K, K, I);  // the K rows are contiguous
     __syncthreads();
-    for (int u = u0; u < units; u += stride) {
-        if (u + PF * stride < units)
-            for (int k = 0; k < K; k++) prefetch_rows(mats[k], 2 * (u + PF * stride), 2, lane);
-        int rows[2] = {2 * u, 2 * u + 1};
-        float total0 = 0.f, total1 = 0.f;
-        for (int k = 0; k < K; k++) {
+    for (int base = blockIdx.x * groups; base < pairs; base += stride) {
+        const int p = base + lp;
+        if (active && p < pairs) {
+            if (p + PF * stride < pairs) prefetch_rows(m, 2 * (p + PF * stride), 2, lane);
+            int rows[2] = {2 * p, 2 * p + 1};
             float acc[2][1];
-            warp_dot<2, 1, 4, 3>(mats[k], rows, xs + k * xstride, xstride, luts + 16 * k, acc, lane);
-            const float* b = mats[k].bias;
-            total0 = fmaf(wk[k], acc[0][0] + (b ? b[rows[0]] : 0.f), total0);
-            total1 = fmaf(wk[k], acc[1][0] + (b ? b[rows[1]] : 0.f), total1);
+            warp_dot<2, 1, 4, 3>(m, rows, xs + k * xstride, xstride, luts + 16 * k, acc, lane);
+            if (lane == 0) {
+                const float* b = m.bias;
+                partial[warp][0] = wk[k] * (acc[0][0] + (b ? b[rows[0]] : 0.f));
+                partial[warp][1] = wk[k] * (acc[1][0] + (b ? b[rows[1]] : 0.f));
+            }
         }
-        if (lane == 0) {
-            x[(size_t)t * H + rows[0]] += total0;
-            x[(size_t)t * H + rows[1]] += total1;
+        __syncthreads();
+        if (threadIdx.x < 2 * groups) {
+            const int g = threadIdx.x >> 1, r = threadIdx.x & 1;
+            const int pp = base + g;
+            if (pp < pairs) {
+                float total = 0.f;
+                for (int kk = 0; kk < K; kk++) total += partial[g * K + kk][r];
+                x[(size_t)t * H + 2 * pp + r] += total;
+            }
         }
+        __syncthreads();
     }
 }

@@ -403,7 +403,8 @@ impl Kernels {
         wsel: u64,
         x: u64,
     ) -> Result<(), String> {
-        let grid = self.grid_x(self.moe_dn, smem, dims.h, t)?;
+        // Warp units: (row pair, expert) = H/2 * K.
+        let grid = self.grid_x(self.moe_dn, smem, dims.h / 2 * dims.k, t)?;
         let (h, i, k) = (dims.h as i32, dims.inter as i32, dims.k as i32);
         let mut a = args!(layer_dev, sp, act, h, i, k, sel, wsel, x);
         launch(self.moe_dn, (grid, t as u32, 1), smem, s, &mut a)
