@@ -39,17 +39,44 @@ pub fn resolve_model_or_demo(model: Option<&str>) -> anyhow::Result<PathBuf> {
     }
 }
 
-/// Opens the backend for `device`.
-pub fn open_backend(dir: &Path, device: Device) -> anyhow::Result<Box<dyn Backend>> {
+/// Backend settings that come from the command line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BackendOptions {
+    /// Longest sequence to support (sizes the CUDA RoPE tables); `None` = the backend's default.
+    pub max_context: Option<usize>,
+    /// Run CUDA decode steps launch by launch instead of replaying a CUDA graph.
+    pub enforce_eager: bool,
+}
+
+/// Opens the backend for `device`: `cuda` fails clearly without a usable GPU; `auto` takes the
+/// GPU when one answers and otherwise says why it runs on the CPU.
+pub fn open_backend(
+    dir: &Path,
+    device: Device,
+    opts: BackendOptions,
+) -> anyhow::Result<Box<dyn Backend>> {
+    let cuda = || -> anyhow::Result<Box<dyn Backend>> {
+        let mut o = gptoss_cuda::CudaOptions {
+            enforce_eager: opts.enforce_eager,
+            ..Default::default()
+        };
+        if let Some(n) = opts.max_context {
+            o.max_context = n;
+        }
+        Ok(Box::new(gptoss_cuda::CudaBackend::open(dir, o)?))
+    };
     match device {
         Device::Cpu => Ok(Box::new(CpuBackend::open(dir)?)),
-        Device::Cuda => bail!("the CUDA backend is not available in this build; use --device cpu"),
-        Device::Auto => {
-            eprintln!(
-                "note: --device auto: no CUDA backend in this build, running on the CPU reference backend (slow)"
-            );
-            Ok(Box::new(CpuBackend::open(dir)?))
-        }
+        Device::Cuda => cuda(),
+        Device::Auto => match gptoss_cuda::driver::probe(0) {
+            Ok(()) => cuda(),
+            Err(why) => {
+                eprintln!(
+                    "note: --device auto: {why}; running on the CPU reference backend (slow)"
+                );
+                Ok(Box::new(CpuBackend::open(dir)?))
+            }
+        },
     }
 }
 

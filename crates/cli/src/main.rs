@@ -29,6 +29,8 @@ enum Command {
     Chat(commands::chat::Args),
     /// Write the logits of a token sequence to a safetensors file.
     Logits(commands::logits::Args),
+    /// Measure prefill and decode speed on the GPU against the memory-bandwidth roofline.
+    Bench(commands::bench::Args),
     /// Serve an OpenAI-compatible HTTP API (chat, completions, responses) with continuous batching.
     Serve(commands::serve::Args),
 }
@@ -43,6 +45,7 @@ fn main() -> ExitCode {
         Command::Chat(a) => commands::chat::run(a),
         Command::Logits(a) => commands::logits::run(a),
         Command::Serve(a) => commands::serve::run(a),
+        Command::Bench(a) => commands::bench::run(a),
     };
     match result {
         Ok(code) => code,

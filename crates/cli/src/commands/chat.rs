@@ -7,7 +7,9 @@ use gptoss_model::harmony::{Conversation, HarmonyEncoding, Message, Role, System
 use gptoss_model::tokenizer::Tokenizer;
 
 use super::generate::{TerminalSink, parse_effort, use_color};
-use crate::generation::{Device, SamplingArgs, open_backend, resolve_model_or_demo, run_sequence};
+use crate::generation::{
+    BackendOptions, Device, SamplingArgs, open_backend, resolve_model_or_demo, run_sequence,
+};
 
 /// Flags of `chat`.
 #[derive(clap::Args)]
@@ -36,7 +38,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let mut effort = parse_effort(&a.reasoning_effort)?;
     let tokenizer = Tokenizer::for_model_dir(&dir)?;
     let harmony = HarmonyEncoding::new(tokenizer.clone());
-    let mut backend = open_backend(&dir, a.device)?;
+    let mut backend = open_backend(&dir, a.device, BackendOptions::default())?;
     let mut sink = TerminalSink {
         hide_reasoning: a.hide_reasoning,
         color: use_color(),

@@ -9,7 +9,7 @@ use gptoss_model::harmony::{
 use gptoss_model::tokenizer::Tokenizer;
 
 use crate::generation::{
-    Device, Piece, SamplingArgs, open_backend, resolve_model_or_demo, run_sequence,
+    BackendOptions, Device, Piece, SamplingArgs, open_backend, resolve_model_or_demo, run_sequence,
 };
 
 /// Flags of `generate`.
@@ -121,7 +121,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         HarmonyEncoding::new(tokenizer.clone())
             .render_conversation_for_completion(&conv, &Role::Assistant)?
     };
-    let mut backend = open_backend(&dir, a.device)?;
+    let mut backend = open_backend(&dir, a.device, BackendOptions::default())?;
     let sink = TerminalSink {
         hide_reasoning: a.hide_reasoning,
         color: use_color(),

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use gptoss_engine::backend::{LogitsWanted, SeqStep, StepBatch};
 
-use crate::generation::{Device, open_backend, resolve_model_or_demo};
+use crate::generation::{BackendOptions, Device, open_backend, resolve_model_or_demo};
 
 /// Flags of `logits`.
 #[derive(clap::Args)]
@@ -27,7 +27,7 @@ pub struct Args {
 /// Runs one forward over the tokens and writes the logits.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let dir = resolve_model_or_demo(a.model.as_deref())?;
-    let mut backend = open_backend(&dir, a.device)?;
+    let mut backend = open_backend(&dir, a.device, BackendOptions::default())?;
     let vocab = backend.config().vocab_size;
     let step = SeqStep {
         seq: 0,

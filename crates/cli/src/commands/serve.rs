@@ -14,7 +14,7 @@ use gptoss_server::EngineOptions;
 use gptoss_server::demo::{DEMO_MODEL_NAME, DEMO_NOTICE, ensure_demo_model};
 use gptoss_server::launch::{ServeOptions, serve_blocking};
 
-use crate::generation::{Device, open_backend};
+use crate::generation::{BackendOptions, Device, open_backend};
 
 /// Default context of the demo model.
 const DEMO_MAX_MODEL_LEN: usize = 4096;
@@ -99,7 +99,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         }
     };
     let is_demo = a.model.is_none();
-    let backend = open_backend(&dir, a.device)?;
+    let backend = open_backend(
+        &dir,
+        a.device,
+        BackendOptions {
+            max_context: a.max_model_len,
+            enforce_eager: a.enforce_eager,
+        },
+    )?;
     if a.enforce_eager && backend.name() != "cuda" {
         eprintln!(
             "note: --enforce-eager has no effect on the {} backend",
