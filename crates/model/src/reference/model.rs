@@ -11,12 +11,14 @@
 //! are stacked so that every weight is decoded once per call, and only attention looks at each
 //! sequence (and its own [`KvCache`]) separately.
 
+use std::ops::Range;
+
 use gptoss_formats::config::SWIGLU_ALPHA;
 use gptoss_formats::weights::LayerWeights;
-use gptoss_formats::{GptOssConfig, ModelWeights};
+use gptoss_formats::{GptOssConfig, ModelWeights, Vector};
 use rayon::prelude::*;
 
-use super::attention::{attend, visible_keys};
+use super::attention::{Segment, attend_segments};
 use super::kv_cache::KvCache;
 use super::linear::{linear, matmul};
 use super::moe::{route, swiglu};
@@ -40,11 +42,12 @@ pub struct SeqInput<'s> {
     pub cache: &'s mut KvCache,
 }
 
-/// Rows `start..start + len` of the stacked batch belong to one sequence with this cache.
-struct Segment<'c> {
-    start: usize,
-    len: usize,
-    cache: &'c mut KvCache,
+/// The sequences of a batch stacked for one pass: their tokens and positions end to end, and
+/// which rows belong to which cache.
+pub(super) struct Stacked<'c> {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<usize>,
+    pub segs: Vec<Segment<'c>>,
 }
 
 impl<'a> ReferenceModel<'a> {
@@ -94,6 +97,21 @@ impl<'a> ReferenceModel<'a> {
     /// one pass, rows in the order of `seqs`. Everything is validated before any cache changes.
     pub fn forward_batch(&self, seqs: &mut [SeqInput<'_>]) -> Result<Vec<f32>> {
         let cfg = self.config();
+        let mut batch = self.stack(seqs, |c| c.check(cfg).map_err(ReferenceError::Cache))?;
+        let mut x = self.embed(&batch.tokens)?;
+        for l in 0..cfg.num_hidden_layers {
+            x = self.layer(l, x, &batch.positions, &mut batch.segs);
+        }
+        Ok(x)
+    }
+
+    /// Checks every sequence of a batch (as many positions as tokens, its cache with
+    /// `check_cache`, every position within the context), then stacks them. Nothing is modified.
+    pub(super) fn stack<'c>(
+        &self,
+        seqs: &'c mut [SeqInput<'_>],
+        check_cache: impl Fn(&KvCache) -> Result<()>,
+    ) -> Result<Stacked<'c>> {
         let mut positions = Vec::new();
         let mut tokens = Vec::new();
         for s in seqs.iter() {
@@ -104,14 +122,13 @@ impl<'a> ReferenceModel<'a> {
                     s.positions.len()
                 )));
             }
-            s.cache.check(cfg).map_err(ReferenceError::Cache)?;
+            check_cache(s.cache)?;
             tokens.extend_from_slice(s.tokens);
             positions.extend_from_slice(s.positions);
         }
         self.check_positions(&positions)?;
-        let mut x = self.embed(&tokens)?;
         let mut start = 0;
-        let mut segs: Vec<Segment<'_>> = seqs
+        let segs = seqs
             .iter_mut()
             .map(|s| {
                 let seg = Segment {
@@ -123,10 +140,11 @@ impl<'a> ReferenceModel<'a> {
                 seg
             })
             .collect();
-        for l in 0..cfg.num_hidden_layers {
-            x = self.layer(l, x, &positions, &mut segs);
-        }
-        Ok(x)
+        Ok(Stacked {
+            tokens,
+            positions,
+            segs,
+        })
     }
 
     /// Embedding rows of `tokens` (`[T, hidden]`; no scaling, pitfall 12).
@@ -154,8 +172,13 @@ impl<'a> ReferenceModel<'a> {
     /// softcap, untied: pitfall 12).
     pub fn logits_for(&self, hidden: &[f32]) -> Vec<f32> {
         let h = self.config().hidden_size;
-        let x = rmsnorm(hidden, &self.weights.norm.to_f32(), self.eps());
+        let x = self.norm(hidden, &self.weights.norm);
         matmul(&x, hidden.len() / h, &self.weights.lm_head, None)
+    }
+
+    /// `rmsnorm(x, w)` with the model's epsilon.
+    pub(super) fn norm(&self, x: &[f32], w: &Vector<'_>) -> Vec<f32> {
+        rmsnorm(x, &w.to_f32(), self.config().rms_norm_eps as f32)
     }
 
     /// Decoder layer `l` on `hidden` (`[T, H]`) at `positions`, attending over `cache` (whose
@@ -208,10 +231,6 @@ impl<'a> ReferenceModel<'a> {
         Ok(self.expert(&self.weights.layers[l], e, x))
     }
 
-    fn eps(&self) -> f32 {
-        self.config().rms_norm_eps as f32
-    }
-
     fn check_layer(&self, l: usize) -> Result<()> {
         let n = self.config().num_hidden_layers;
         if l >= n {
@@ -254,15 +273,9 @@ impl<'a> ReferenceModel<'a> {
         segs: &mut [Segment<'_>],
     ) -> Vec<f32> {
         let w = &self.weights.layers[l];
-        let attn = self.attention(
-            l,
-            w,
-            &rmsnorm(&x, &w.input_norm.to_f32(), self.eps()),
-            positions,
-            segs,
-        );
+        let attn = self.attention(l, w, &self.norm(&x, &w.input_norm), positions, segs);
         add_assign(&mut x, &attn);
-        let mlp = self.moe(w, &rmsnorm(&x, &w.post_norm.to_f32(), self.eps()));
+        let mlp = self.moe(w, &self.norm(&x, &w.post_norm));
         add_assign(&mut x, &mlp);
         x
     }
@@ -278,12 +291,7 @@ impl<'a> ReferenceModel<'a> {
         segs: &mut [Segment<'_>],
     ) -> Vec<f32> {
         let cfg = self.config();
-        let (hd, nh, nkv) = (
-            cfg.head_dim,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-        );
-        let (qd, kvd, group) = (cfg.q_dim(), cfg.kv_dim(), nh / nkv);
+        let group = cfg.num_attention_heads / cfg.num_key_value_heads;
         let t = positions.len();
         let mut q = linear(h, t, &w.q);
         let mut k = linear(h, t, &w.k);
@@ -291,65 +299,46 @@ impl<'a> ReferenceModel<'a> {
         self.rope.apply_rows(&mut q, positions);
         self.rope.apply_rows(&mut k, positions);
         let sinks = w.sinks.to_f32();
-        let scale = 1.0 / (hd as f32).sqrt();
-        let mut o = vec![0f32; t * qd];
-        for seg in segs.iter_mut() {
-            let lc = seg.cache.layer_mut(l);
-            let len0 = lc.len();
-            let window = lc.window();
-            let (k_new, v_new) = (&k[seg.start * kvd..], &v[seg.start * kvd..]);
-            let lc_ref = &*lc;
-            // One task per (new token i, query head hq); GQA: head hq reads kv head hq / group.
-            o[seg.start * qd..(seg.start + seg.len) * qd]
-                .par_chunks_mut(hd)
-                .enumerate()
-                .for_each(|(n, out)| {
-                    let (i, hq) = (n / nh, n % nh);
-                    let g = hq / group;
-                    let head = g * hd..(g + 1) * hd;
-                    let key = |j: usize| kv_row(j, len0, |j| lc_ref.key(j), k_new, kvd, &head);
-                    let value = |j: usize| kv_row(j, len0, |j| lc_ref.value(j), v_new, kvd, &head);
-                    let qi = &q[(seg.start + i) * qd + hq * hd..][..hd];
-                    attend(
-                        qi,
-                        visible_keys(len0 + i, window),
-                        key,
-                        value,
-                        sinks[hq],
-                        scale,
-                        out,
-                    );
-                });
-            for i in 0..seg.len {
-                let r = (seg.start + i) * kvd;
-                lc.push(&k[r..r + kvd], &v[r..r + kvd]);
-            }
-        }
+        let o = attend_segments(l, &q, &k, &v, &sinks, cfg.head_dim, group, segs);
         linear(&o, t, &w.o)
     }
 
     /// The MoE block (without residual) on normed inputs `h` (`[T, H]`): route every token, then
     /// run each selected expert once on the tokens routed to it and add its weighted output.
     fn moe(&self, w: &LayerWeights<'_>, h: &[f32]) -> Vec<f32> {
+        self.moe_part(w, h, 0..self.config().num_local_experts)
+    }
+
+    /// The share of the MoE block of the experts in `experts` (all of them for the whole block,
+    /// a rank's block when sharded): every token is routed over all experts, but only the
+    /// (token, expert) pairs with the expert in `experts` are computed and weighted.
+    pub(super) fn moe_part(
+        &self,
+        w: &LayerWeights<'_>,
+        h: &[f32],
+        experts: Range<usize>,
+    ) -> Vec<f32> {
         let cfg = self.config();
         let hs = cfg.hidden_size;
         let t = h.len() / hs;
         let router = linear(h, t, &w.router);
         let e_count = cfg.num_local_experts;
-        // tokens[e] = (token, routing weight) for every token that selected expert e.
-        let mut tokens: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e_count];
+        // tokens[k] = (token, routing weight) for every token that selected expert start + k.
+        let mut tokens: Vec<Vec<(usize, f32)>> = vec![Vec::new(); experts.len()];
         for (ti, logits) in router.chunks_exact(e_count).enumerate() {
             for (e, we) in route(logits, cfg.num_experts_per_tok) {
-                tokens[e].push((ti, we));
+                if experts.contains(&e) {
+                    tokens[e - experts.start].push((ti, we));
+                }
             }
         }
         let mut y = vec![0f32; h.len()];
-        for (e, routed) in tokens.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+        for (k, routed) in tokens.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
             let xe: Vec<f32> = routed
                 .iter()
                 .flat_map(|&(ti, _)| h[ti * hs..(ti + 1) * hs].iter().copied())
                 .collect();
-            let ye = self.expert(w, e, &xe);
+            let ye = self.expert(w, experts.start + k, &xe);
             // Down bias inside the weighting (pitfall 10): y += w_e · (act @ Wd.T + bd).
             for (&(ti, we), row) in routed.iter().zip(ye.chunks_exact(hs)) {
                 for (yv, &v) in y[ti * hs..(ti + 1) * hs].iter_mut().zip(row) {
@@ -378,24 +367,8 @@ impl<'a> ReferenceModel<'a> {
     }
 }
 
-/// Head `head` of the K (or V) row at sequence index `j`: from the cache below `len0`, from the
-/// new rows above.
-fn kv_row<'r>(
-    j: usize,
-    len0: usize,
-    cached: impl Fn(usize) -> &'r [f32],
-    new: &'r [f32],
-    kvd: usize,
-    head: &std::ops::Range<usize>,
-) -> &'r [f32] {
-    if j < len0 {
-        &cached(j)[head.clone()]
-    } else {
-        &new[(j - len0) * kvd..][head.clone()]
-    }
-}
-
-fn add_assign(x: &mut [f32], y: &[f32]) {
+/// `x += y`, elementwise.
+pub(super) fn add_assign(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
     }

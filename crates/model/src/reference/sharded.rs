@@ -119,12 +119,11 @@ use gptoss_formats::weights::{LayerWeights, Orientation};
 use gptoss_formats::{GptOssConfig, Matrix, ModelWeights};
 use rayon::prelude::*;
 
-use super::attention::{attend, visible_keys};
+use super::attention::{Segment, attend_segments};
 use super::kv_cache::KvCache;
-use super::linear::{dot, linear};
-use super::model::{ReferenceModel, SeqInput};
-use super::moe::route;
-use super::{ReferenceError, Result, rmsnorm};
+use super::linear::dot;
+use super::model::{ReferenceModel, SeqInput, add_assign};
+use super::{ReferenceError, Result};
 
 // ---------------------------------------------------------------------------------------------
 // The plan
@@ -719,13 +718,6 @@ fn chunk_len(n: usize, min: usize) -> usize {
 // The sharded forward
 // ---------------------------------------------------------------------------------------------
 
-/// Rows `start..start + len` of the stacked batch belong to one sequence with this cache.
-struct Segment<'c> {
-    start: usize,
-    len: usize,
-    cache: &'c mut KvCache,
-}
-
 /// One rank's part of the f32 reference forward (see the [module docs](self)): it computes only
 /// its heads, experts and vocabulary rows and meets its peers through `comm`. Every rank of the
 /// group must make the same calls with the same inputs (collectives inside); the hidden states
@@ -819,53 +811,21 @@ impl<'a, 'c> ShardedReference<'a, 'c> {
     /// is refused by all ranks and leaves the group in step.
     pub fn forward_batch(&self, seqs: &mut [SeqInput<'_>]) -> Result<Vec<f32>> {
         let cfg = self.config();
-        let mut positions = Vec::new();
-        let mut tokens = Vec::new();
-        for s in seqs.iter() {
-            if s.tokens.len() != s.positions.len() {
-                return Err(ReferenceError::Shape(format!(
-                    "{} tokens but {} positions",
-                    s.tokens.len(),
-                    s.positions.len()
-                )));
-            }
-            s.cache.check(&self.local).map_err(|e| {
+        let mut batch = self.model.stack(seqs, |c| {
+            c.check(&self.local).map_err(|e| {
                 ReferenceError::Cache(format!(
                     "{e} (rank {} of {} expects its own shard's cache)",
                     self.plan.rank(),
                     self.plan.world()
                 ))
-            })?;
-            tokens.extend_from_slice(s.tokens);
-            positions.extend_from_slice(s.positions);
-        }
-        let max = cfg.max_position_embeddings;
-        if let Some((index, &position)) = positions.iter().enumerate().find(|(_, p)| **p >= max) {
-            return Err(ReferenceError::PositionOutOfRange {
-                index,
-                position,
-                max,
-            });
-        }
-        let mut x = self.model.embed(&tokens)?;
-        if tokens.is_empty() {
+            })
+        })?;
+        let mut x = self.model.embed(&batch.tokens)?;
+        if batch.tokens.is_empty() {
             return Ok(x);
         }
-        let mut start = 0;
-        let mut segs: Vec<Segment<'_>> = seqs
-            .iter_mut()
-            .map(|s| {
-                let seg = Segment {
-                    start,
-                    len: s.tokens.len(),
-                    cache: &mut *s.cache,
-                };
-                start += seg.len;
-                seg
-            })
-            .collect();
         for l in 0..cfg.num_hidden_layers {
-            x = self.layer(l, x, &positions, &mut segs);
+            x = self.layer(l, x, &batch.positions, &mut batch.segs);
         }
         Ok(x)
     }
@@ -876,7 +836,7 @@ impl<'a, 'c> ShardedReference<'a, 'c> {
         let cfg = self.config();
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let w = self.model.weights();
-        let x = rmsnorm(hidden, &w.norm.to_f32(), self.eps());
+        let x = self.model.norm(hidden, &w.norm);
         let n = hidden.len() / h;
         let rows = self.plan.vocab();
         let local = MatrixSlice::rows(&w.lm_head, rows.clone()).matmul(&x, n, None);
@@ -902,10 +862,6 @@ impl<'a, 'c> ShardedReference<'a, 'c> {
         out
     }
 
-    fn eps(&self) -> f32 {
-        self.config().rms_norm_eps as f32
-    }
-
     /// One decoder layer: partial attention and MoE outputs, each all-reduced into the residual.
     fn layer(
         &self,
@@ -915,12 +871,12 @@ impl<'a, 'c> ShardedReference<'a, 'c> {
         segs: &mut [Segment<'_>],
     ) -> Vec<f32> {
         let w = &self.model.weights().layers[l];
-        let h = rmsnorm(&x, &w.input_norm.to_f32(), self.eps());
+        let h = self.model.norm(&x, &w.input_norm);
         let mut attn = self.attention(l, w, &h, positions, segs);
         self.comm.all_reduce_sum(&mut attn);
         add_assign(&mut x, &attn);
-        let h = rmsnorm(&x, &w.post_norm.to_f32(), self.eps());
-        let mut moe = self.moe(l, w, &h);
+        let h = self.model.norm(&x, &w.post_norm);
+        let mut moe = self.model.moe_part(w, &h, self.plan.experts());
         self.comm.all_reduce_sum(&mut moe);
         add_assign(&mut x, &moe);
         x
@@ -937,10 +893,6 @@ impl<'a, 'c> ShardedReference<'a, 'c> {
         segs: &mut [Segment<'_>],
     ) -> Vec<f32> {
         let p = &self.plan;
-        let hd = self.config().head_dim;
-        let (q_heads, group) = (p.q_heads(), p.group());
-        let nh = q_heads.len();
-        let (qd, kvd) = (p.q_rows().len(), p.kv_rows().len());
         let t = positions.len();
         let proj = |lin: &gptoss_formats::Linear<'_>, rows: Range<usize>| {
             let bias = lin.bias.as_ref().map(|b| b.to_f32()[rows.clone()].to_vec());
@@ -952,103 +904,14 @@ impl<'a, 'c> ShardedReference<'a, 'c> {
         let rope = self.model.rope();
         rope.apply_rows(&mut q, positions);
         rope.apply_rows(&mut k, positions);
-        let sinks = w.sinks.to_f32();
-        let sinks = &sinks[q_heads.clone()];
-        let scale = 1.0 / (hd as f32).sqrt();
-        let mut o = vec![0f32; t * qd];
-        for seg in segs.iter_mut() {
-            let lc = seg.cache.layer_mut(l);
-            let len0 = lc.len();
-            let window = lc.window();
-            let (k_new, v_new) = (&k[seg.start * kvd..], &v[seg.start * kvd..]);
-            let lc_ref = &*lc;
-            // One task per (new token i, local query head hq); GQA within the rank's groups.
-            o[seg.start * qd..(seg.start + seg.len) * qd]
-                .par_chunks_mut(hd)
-                .enumerate()
-                .for_each(|(n, out)| {
-                    let (i, hq) = (n / nh, n % nh);
-                    let g = hq / group;
-                    let head = g * hd..(g + 1) * hd;
-                    let key = |j: usize| {
-                        if j < len0 {
-                            &lc_ref.key(j)[head.clone()]
-                        } else {
-                            &k_new[(j - len0) * kvd..][head.clone()]
-                        }
-                    };
-                    let value = |j: usize| {
-                        if j < len0 {
-                            &lc_ref.value(j)[head.clone()]
-                        } else {
-                            &v_new[(j - len0) * kvd..][head.clone()]
-                        }
-                    };
-                    let qi = &q[(seg.start + i) * qd + hq * hd..][..hd];
-                    attend(
-                        qi,
-                        visible_keys(len0 + i, window),
-                        key,
-                        value,
-                        sinks[hq],
-                        scale,
-                        out,
-                    );
-                });
-            for i in 0..seg.len {
-                let r = (seg.start + i) * kvd;
-                lc.push(&k[r..r + kvd], &v[r..r + kvd]);
-            }
-        }
+        // Attention needs no communication: the rank's query heads are whole GQA groups.
+        let sinks = &w.sinks.to_f32()[p.q_heads()];
+        let hd = self.config().head_dim;
+        let o = attend_segments(l, &q, &k, &v, sinks, hd, p.group(), segs);
         let bias = match (p.rank(), &w.o.bias) {
             (0, Some(b)) => Some(b.to_f32()),
             _ => None,
         };
         MatrixSlice::cols(&w.o.weight, p.o_cols()).matmul(&o, t, bias.as_deref())
-    }
-
-    /// This rank's share of the MoE block on normed `h` (`[T, H]`): the replicated router picks
-    /// every token's experts; only the (token, expert) pairs this rank owns are computed and
-    /// weighted (down bias inside the weighting).
-    fn moe(&self, l: usize, w: &LayerWeights<'_>, h: &[f32]) -> Vec<f32> {
-        let cfg = self.config();
-        let hs = cfg.hidden_size;
-        let t = h.len() / hs;
-        let router = linear(h, t, &w.router);
-        let e_count = cfg.num_local_experts;
-        let mine = self.plan.experts();
-        let mut tokens: Vec<Vec<(usize, f32)>> = vec![Vec::new(); mine.len()];
-        for (ti, logits) in router.chunks_exact(e_count).enumerate() {
-            for (e, we) in route(logits, cfg.num_experts_per_tok) {
-                if mine.contains(&e) {
-                    tokens[e - mine.start].push((ti, we));
-                }
-            }
-        }
-        let mut y = vec![0f32; h.len()];
-        for (k, routed) in tokens.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
-            let xe: Vec<f32> = routed
-                .iter()
-                .flat_map(|&(ti, _)| h[ti * hs..(ti + 1) * hs].iter().copied())
-                .collect();
-            // Infallible here (layer, expert and row count are in range); no error may leave a
-            // rank out of step with its peers once the collectives have started.
-            let ye = self
-                .model
-                .expert_forward(l, mine.start + k, &xe)
-                .expect("expert in range");
-            for (&(ti, we), row) in routed.iter().zip(ye.chunks_exact(hs)) {
-                for (yv, &v) in y[ti * hs..(ti + 1) * hs].iter_mut().zip(row) {
-                    *yv += we * v;
-                }
-            }
-        }
-        y
-    }
-}
-
-fn add_assign(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
     }
 }
