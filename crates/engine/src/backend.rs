@@ -171,3 +171,22 @@ pub fn validate_batch(batch: &StepBatch, max_batch_tokens: usize) -> Result<(), 
     }
     Ok(())
 }
+
+/// Checks that every step starts where its sequence stands: `start_pos` must equal `cached(seq)`,
+/// the tokens the backend holds for the sequence (0 for one it does not hold).
+pub fn check_start_positions(
+    batch: &StepBatch,
+    cached: impl Fn(SeqId) -> usize,
+) -> Result<(), BackendError> {
+    for s in &batch.steps {
+        let cached = cached(s.seq);
+        if s.start_pos != cached {
+            return Err(BackendError::PositionMismatch {
+                seq: s.seq,
+                start_pos: s.start_pos,
+                cached,
+            });
+        }
+    }
+    Ok(())
+}

@@ -16,7 +16,8 @@ use gptoss_formats::{Checkpoint, GptOssConfig, ModelWeights};
 use gptoss_model::reference::{KvCache, ReferenceError, ReferenceModel, SeqInput};
 
 use crate::backend::{
-    Backend, BackendError, Logits, LogitsWanted, SeqId, StepBatch, validate_batch,
+    Backend, BackendError, Logits, LogitsWanted, SeqId, StepBatch, check_start_positions,
+    validate_batch,
 };
 
 /// Default limit on the tokens of one batch.
@@ -84,89 +85,20 @@ impl Backend for CpuBackend {
 
     fn forward(&mut self, batch: &StepBatch) -> Result<Logits, BackendError> {
         validate_batch(batch, self.max_batch_tokens)?;
-        for s in &batch.steps {
-            let cached = self.cached_len(s.seq).unwrap_or(0);
-            if s.start_pos != cached {
-                return Err(BackendError::PositionMismatch {
-                    seq: s.seq,
-                    start_pos: s.start_pos,
-                    cached,
-                });
-            }
-        }
+        check_start_positions(batch, |seq| self.cached_len(seq).unwrap_or(0))?;
         let ckpt = Arc::clone(&self.ckpt);
         let model = ReferenceModel::new(
             ModelWeights::new(&ckpt).map_err(|e| BackendError::Failed(e.to_string()))?,
         );
-        let positions: Vec<Vec<usize>> = batch
-            .steps
-            .iter()
-            .map(|s| (s.start_pos..s.start_pos + s.tokens.len()).collect())
-            .collect();
-        // Take the caches out for the call (new sequences get an empty one); all go back after.
-        let taken: Vec<Option<KvCache>> = batch
-            .steps
-            .iter()
-            .map(|s| self.caches.remove(&s.seq))
-            .collect();
-        let existed: Vec<bool> = taken.iter().map(Option::is_some).collect();
-        let mut work: Vec<KvCache> = taken
-            .into_iter()
-            .map(|c| c.unwrap_or_else(|| model.new_cache()))
-            .collect();
-        let result = {
-            let mut inputs: Vec<SeqInput<'_>> = batch
-                .steps
-                .iter()
-                .zip(&positions)
-                .zip(work.iter_mut())
-                .map(|((s, p), cache)| SeqInput {
-                    tokens: &s.tokens,
-                    positions: p,
-                    cache,
-                })
-                .collect();
-            model.forward_batch(&mut inputs)
-        };
-        let hidden = match result {
-            Ok(h) => h,
-            Err(e) => {
-                // Nothing was modified: restore the sequences that existed before the call.
-                for ((s, cache), existed) in batch.steps.iter().zip(work).zip(existed) {
-                    if existed {
-                        self.caches.insert(s.seq, cache);
-                    }
-                }
-                return Err(reference_error(e));
-            }
-        };
-        for (s, cache) in batch.steps.iter().zip(work) {
-            self.caches.insert(s.seq, cache);
-        }
-        // Only the wanted rows go through the final norm and lm_head.
-        let h = self.config().hidden_size;
-        let mut rows = Vec::new();
-        let mut counts = Vec::with_capacity(batch.steps.len());
-        let mut start = 0;
-        for s in &batch.steps {
-            let n = s.tokens.len();
-            let (first, count) = match s.want_logits {
-                LogitsWanted::All => (start, n),
-                LogitsWanted::Last => (start + n - 1, 1),
-            };
-            rows.extend_from_slice(&hidden[first * h..(first + count) * h]);
-            counts.push(count);
-            start += n;
-        }
-        let logits = model.logits_for(&rows);
-        let vocab = self.config().vocab_size;
-        let mut steps = Vec::with_capacity(counts.len());
-        let mut r = 0;
-        for c in counts {
-            steps.push(logits[r * vocab..(r + c) * vocab].to_vec());
-            r += c;
-        }
-        Ok(Logits::new(vocab, steps))
+        let hidden = forward_cached(
+            batch,
+            &mut self.caches,
+            || model.new_cache(),
+            |seqs| model.forward_batch(seqs),
+        )?;
+        Ok(wanted_logits(batch, &hidden, model.config(), |rows| {
+            model.logits_for(rows)
+        }))
     }
 
     fn release(&mut self, seq: SeqId) {
@@ -176,4 +108,92 @@ impl Backend for CpuBackend {
     fn max_batch_tokens(&self) -> usize {
         self.max_batch_tokens
     }
+}
+
+/// Runs `forward_batch` (a reference forward, whole or one rank's shard) on the steps of `batch`
+/// with the caches of their sequences in `caches`, a new one (`new_cache`) for a sequence not
+/// held yet; returns the final hidden states. All or nothing: on error every cache is as before
+/// and no sequence is added.
+pub(crate) fn forward_cached(
+    batch: &StepBatch,
+    caches: &mut HashMap<SeqId, KvCache>,
+    new_cache: impl Fn() -> KvCache,
+    forward_batch: impl FnOnce(&mut [SeqInput<'_>]) -> Result<Vec<f32>, ReferenceError>,
+) -> Result<Vec<f32>, BackendError> {
+    let positions: Vec<Vec<usize>> = batch
+        .steps
+        .iter()
+        .map(|s| (s.start_pos..s.start_pos + s.tokens.len()).collect())
+        .collect();
+    // Take the caches out for the call (new sequences get an empty one); all go back after.
+    let taken: Vec<Option<KvCache>> = batch.steps.iter().map(|s| caches.remove(&s.seq)).collect();
+    let existed: Vec<bool> = taken.iter().map(Option::is_some).collect();
+    let mut work: Vec<KvCache> = taken
+        .into_iter()
+        .map(|c| c.unwrap_or_else(&new_cache))
+        .collect();
+    let result = {
+        let mut inputs: Vec<SeqInput<'_>> = batch
+            .steps
+            .iter()
+            .zip(&positions)
+            .zip(work.iter_mut())
+            .map(|((s, p), cache)| SeqInput {
+                tokens: &s.tokens,
+                positions: p,
+                cache,
+            })
+            .collect();
+        forward_batch(&mut inputs)
+    };
+    match result {
+        Ok(hidden) => {
+            for (s, cache) in batch.steps.iter().zip(work) {
+                caches.insert(s.seq, cache);
+            }
+            Ok(hidden)
+        }
+        Err(e) => {
+            // Nothing was modified: restore the sequences that existed before the call.
+            for ((s, cache), existed) in batch.steps.iter().zip(work).zip(existed) {
+                if existed {
+                    caches.insert(s.seq, cache);
+                }
+            }
+            Err(reference_error(e))
+        }
+    }
+}
+
+/// The logits `batch` wants from the final hidden states `hidden` (`[tokens, hidden]`, in step
+/// order): only the wanted rows go through `logits_for` (the final norm and lm_head).
+pub(crate) fn wanted_logits(
+    batch: &StepBatch,
+    hidden: &[f32],
+    config: &GptOssConfig,
+    logits_for: impl FnOnce(&[f32]) -> Vec<f32>,
+) -> Logits {
+    let h = config.hidden_size;
+    let mut rows = Vec::new();
+    let mut counts = Vec::with_capacity(batch.steps.len());
+    let mut start = 0;
+    for s in &batch.steps {
+        let n = s.tokens.len();
+        let (first, count) = match s.want_logits {
+            LogitsWanted::All => (start, n),
+            LogitsWanted::Last => (start + n - 1, 1),
+        };
+        rows.extend_from_slice(&hidden[first * h..(first + count) * h]);
+        counts.push(count);
+        start += n;
+    }
+    let logits = logits_for(&rows);
+    let vocab = config.vocab_size;
+    let mut steps = Vec::with_capacity(counts.len());
+    let mut r = 0;
+    for c in counts {
+        steps.push(logits[r * vocab..(r + c) * vocab].to_vec());
+        r += c;
+    }
+    Logits::new(vocab, steps)
 }

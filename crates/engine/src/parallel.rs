@@ -23,12 +23,12 @@ pub use gptoss_model::reference::sharded::{
 };
 
 use gptoss_formats::{Checkpoint, GptOssConfig, ModelWeights};
-use gptoss_model::reference::{KvCache, ReferenceError, SeqInput};
+use gptoss_model::reference::KvCache;
 
 use crate::backend::{
-    Backend, BackendError, Logits, LogitsWanted, SeqId, StepBatch, validate_batch,
+    Backend, BackendError, Logits, SeqId, StepBatch, check_start_positions, validate_batch,
 };
-use crate::cpu::DEFAULT_MAX_BATCH_TOKENS;
+use crate::cpu::{DEFAULT_MAX_BATCH_TOKENS, forward_cached, wanted_logits};
 
 enum Command {
     Forward(Arc<StepBatch>),
@@ -138,16 +138,7 @@ impl Backend for ShardedCpuBackend {
             )));
         }
         validate_batch(batch, self.max_batch_tokens)?;
-        for s in &batch.steps {
-            let cached = self.cached_len(s.seq).unwrap_or(0);
-            if s.start_pos != cached {
-                return Err(BackendError::PositionMismatch {
-                    seq: s.seq,
-                    start_pos: s.start_pos,
-                    cached,
-                });
-            }
-        }
+        check_start_positions(batch, |seq| self.cached_len(seq).unwrap_or(0))?;
         let vocab = self.config().vocab_size;
         if batch.steps.is_empty() {
             return Ok(Logits::new(vocab, Vec::new()));
@@ -206,15 +197,6 @@ impl Drop for ShardedCpuBackend {
     }
 }
 
-fn reference_error(e: ReferenceError) -> BackendError {
-    match e {
-        ReferenceError::TokenOutOfRange { .. }
-        | ReferenceError::PositionOutOfRange { .. }
-        | ReferenceError::Shape(_) => BackendError::InvalidInput(e.to_string()),
-        ReferenceError::Cache(_) | ReferenceError::Index(_) => BackendError::Failed(e.to_string()),
-    }
-}
-
 /// One rank: runs every command it receives until the backend closes the channel.
 fn rank_worker(
     ckpt: Arc<Checkpoint>,
@@ -250,68 +232,14 @@ fn rank_forward(
     let weights = ModelWeights::new(ckpt).map_err(|e| BackendError::Failed(e.to_string()))?;
     let model =
         ShardedReference::new(weights, comm).map_err(|e| BackendError::Failed(e.to_string()))?;
-    let positions: Vec<Vec<usize>> = batch
-        .steps
-        .iter()
-        .map(|s| (s.start_pos..s.start_pos + s.tokens.len()).collect())
-        .collect();
-    // Take the caches out for the call (new sequences get an empty one); all go back after.
-    let taken: Vec<Option<KvCache>> = batch.steps.iter().map(|s| caches.remove(&s.seq)).collect();
-    let existed: Vec<bool> = taken.iter().map(Option::is_some).collect();
-    let mut work: Vec<KvCache> = taken
-        .into_iter()
-        .map(|c| c.unwrap_or_else(|| model.new_cache()))
-        .collect();
-    let result = {
-        let mut inputs: Vec<SeqInput<'_>> = batch
-            .steps
-            .iter()
-            .zip(&positions)
-            .zip(work.iter_mut())
-            .map(|((s, p), cache)| SeqInput {
-                tokens: &s.tokens,
-                positions: p,
-                cache,
-            })
-            .collect();
-        model.forward_batch(&mut inputs)
-    };
-    let hidden = match result {
-        Ok(h) => h,
-        Err(e) => {
-            for ((s, cache), existed) in batch.steps.iter().zip(work).zip(existed) {
-                if existed {
-                    caches.insert(s.seq, cache);
-                }
-            }
-            return Err(reference_error(e));
-        }
-    };
-    for (s, cache) in batch.steps.iter().zip(work) {
-        caches.insert(s.seq, cache);
-    }
+    let hidden = forward_cached(
+        batch,
+        caches,
+        || model.new_cache(),
+        |seqs| model.forward_batch(seqs),
+    )?;
     // Only the wanted rows go through the final norm and the (vocab-parallel) lm_head.
-    let h = model.config().hidden_size;
-    let mut rows = Vec::new();
-    let mut counts = Vec::with_capacity(batch.steps.len());
-    let mut start = 0;
-    for s in &batch.steps {
-        let n = s.tokens.len();
-        let (first, count) = match s.want_logits {
-            LogitsWanted::All => (start, n),
-            LogitsWanted::Last => (start + n - 1, 1),
-        };
-        rows.extend_from_slice(&hidden[first * h..(first + count) * h]);
-        counts.push(count);
-        start += n;
-    }
-    let logits = model.logits_for(&rows);
-    let vocab = model.config().vocab_size;
-    let mut steps = Vec::with_capacity(counts.len());
-    let mut r = 0;
-    for c in counts {
-        steps.push(logits[r * vocab..(r + c) * vocab].to_vec());
-        r += c;
-    }
-    Ok(Logits::new(vocab, steps))
+    Ok(wanted_logits(batch, &hidden, model.config(), |rows| {
+        model.logits_for(rows)
+    }))
 }
