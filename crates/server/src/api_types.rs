@@ -276,7 +276,7 @@ pub struct CompletionRequest {
 }
 
 /// Token counts.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct UsageInfo {
     /// Prompt tokens.
     pub prompt_tokens: usize,
@@ -284,6 +284,15 @@ pub struct UsageInfo {
     pub completion_tokens: usize,
     /// Their sum.
     pub total_tokens: usize,
+}
+
+impl std::ops::AddAssign for UsageInfo {
+    /// Counts over several prompts.
+    fn add_assign(&mut self, u: UsageInfo) {
+        self.prompt_tokens += u.prompt_tokens;
+        self.completion_tokens += u.completion_tokens;
+        self.total_tokens += u.total_tokens;
+    }
 }
 
 impl From<gptoss_engine::request::Usage> for UsageInfo {

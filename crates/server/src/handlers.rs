@@ -11,7 +11,7 @@ use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use gptoss_engine::request::{Delta, OutputMode, Request, RequestEvent, TokenKind, TokenLogprob};
 use gptoss_engine::sampling::SamplingParams;
-use gptoss_model::harmony::Role;
+use gptoss_model::harmony::{Conversation, Role};
 use gptoss_model::tokenizer::{self, Tokenizer};
 use serde_json::{Map, Value, json};
 
@@ -131,20 +131,16 @@ pub fn resolve_max_tokens(
             Some("integer_below_min_value"),
         ));
     }
+    // How the messages mention the prompt.
+    let what = if prompt_param == "messages" {
+        "messages"
+    } else {
+        "prompt"
+    };
     if prompt_len >= max_model_len {
         return Err(ApiError::invalid(
             format!(
-                "This model's maximum context length is {max_model_len} tokens. However, your {} resulted in {prompt_len} tokens. Please reduce the length of the {}.",
-                if prompt_param == "messages" {
-                    "messages"
-                } else {
-                    "prompt"
-                },
-                if prompt_param == "messages" {
-                    "messages"
-                } else {
-                    "prompt"
-                },
+                "This model's maximum context length is {max_model_len} tokens. However, your {what} resulted in {prompt_len} tokens. Please reduce the length of the {what}."
             ),
             Some(prompt_param),
             Some("context_length_exceeded"),
@@ -154,18 +150,8 @@ pub fn resolve_max_tokens(
     match requested {
         Some(m) if m as u64 > room as u64 => Err(ApiError::invalid(
             format!(
-                "This model's maximum context length is {max_model_len} tokens. However, you requested {} tokens ({prompt_len} in the {}, {m} in the completion). Please reduce the length of the {} or completion.",
+                "This model's maximum context length is {max_model_len} tokens. However, you requested {} tokens ({prompt_len} in the {what}, {m} in the completion). Please reduce the length of the {what} or completion.",
                 prompt_len as u64 + m as u64,
-                if prompt_param == "messages" {
-                    "messages"
-                } else {
-                    "prompt"
-                },
-                if prompt_param == "messages" {
-                    "messages"
-                } else {
-                    "prompt"
-                },
             ),
             Some(param),
             Some("context_length_exceeded"),
@@ -221,6 +207,32 @@ pub async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError::internal(format!("worker failed: {e}")))
+}
+
+/// The prompt of `conv` for the assistant's reply and the prefix `choice` forces, rendered off
+/// the async workers; a conversation that does not render is blamed on `param`.
+pub async fn render_prompt(
+    state: &Arc<AppState>,
+    conv: Conversation,
+    choice: ToolChoice,
+    param: &'static str,
+) -> Result<(Vec<u32>, Vec<u32>), ApiError> {
+    let st = Arc::clone(state);
+    blocking(move || -> Result<_, ApiError> {
+        let prompt = st
+            .encoding
+            .render_conversation_for_completion(&conv, &Role::Assistant)
+            .map_err(|e| {
+                ApiError::invalid(
+                    format!("Could not render the conversation: {e}"),
+                    Some(param),
+                    None,
+                )
+            })?;
+        let forced = harmony_bridge::forced_prefix(st.encoding.tokenizer(), &choice)?;
+        Ok((prompt, forced))
+    })
+    .await?
 }
 
 /// The text of a token for logprobs, and its bytes.
@@ -351,22 +363,7 @@ async fn plan_chat(state: &Arc<AppState>, body: Bytes) -> Result<ChatPlan, ApiEr
         tools
     };
     let conv = harmony_bridge::chat_conversation(&req.messages, shown_tools, effort)?;
-    let st = Arc::clone(state);
-    let (prompt, forced) = blocking(move || -> Result<_, ApiError> {
-        let prompt = st
-            .encoding
-            .render_conversation_for_completion(&conv, &Role::Assistant)
-            .map_err(|e| {
-                ApiError::invalid(
-                    format!("Could not render the conversation: {e}"),
-                    Some("messages"),
-                    None,
-                )
-            })?;
-        let forced = harmony_bridge::forced_prefix(st.encoding.tokenizer(), &choice)?;
-        Ok((prompt, forced))
-    })
-    .await??;
+    let (prompt, forced) = render_prompt(state, conv, choice, "messages").await?;
     let max_model_len = state.engine.info().config.max_model_len;
     let (param, requested) = match (req.max_completion_tokens, req.max_tokens) {
         (Some(m), _) => ("max_completion_tokens", Some(m)),
@@ -403,10 +400,7 @@ pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match chat_inner(&state, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    chat_inner(&state, body).await.into_response()
 }
 
 async fn chat_inner(
@@ -423,10 +417,13 @@ async fn chat_inner(
     let tok = state.encoding.tokenizer().clone();
     if plan.stream {
         let conv = ChatStream {
-            id,
-            created,
-            model: plan.model,
-            include_usage: plan.include_usage,
+            head: ChunkHead {
+                id,
+                object: "chat.completion.chunk",
+                created,
+                model: plan.model,
+                include_usage: plan.include_usage,
+            },
             logprobs: plan.logprobs,
             tok,
             pending_logprobs: vec![Vec::new(); n],
@@ -535,26 +532,23 @@ impl ChatAcc {
     }
 }
 
-struct ChatStream {
+/// What every streamed chunk of a chat completion or a completion repeats.
+struct ChunkHead {
     id: String,
+    /// `chat.completion.chunk` or `text_completion`.
+    object: &'static str,
     created: u64,
     model: String,
+    /// Every chunk has a `usage` (null but on the last one).
     include_usage: bool,
-    logprobs: bool,
-    tok: Tokenizer,
-    /// Logprobs of content tokens not yet sent (their text may be held back).
-    pending_logprobs: Vec<Vec<TokenLogprobOut>>,
 }
 
-impl ChatStream {
-    fn chunk(&self, choice: Value) -> axum::body::Bytes {
-        self.chunk_with(vec![choice], None)
-    }
-
-    fn chunk_with(&self, choices: Vec<Value>, usage: Option<UsageInfo>) -> axum::body::Bytes {
+impl ChunkHead {
+    /// The `data:` frame of a chunk of `choices` (and `usage`).
+    fn frame(&self, choices: Vec<Value>, usage: Option<UsageInfo>) -> axum::body::Bytes {
         let mut v = json!({
             "id": self.id,
-            "object": "chat.completion.chunk",
+            "object": self.object,
             "created": self.created,
             "model": self.model,
             "system_fingerprint": null,
@@ -564,6 +558,20 @@ impl ChatStream {
             v["usage"] = serde_json::to_value(usage).expect("usage");
         }
         sse::data_frame(&v)
+    }
+}
+
+struct ChatStream {
+    head: ChunkHead,
+    logprobs: bool,
+    tok: Tokenizer,
+    /// Logprobs of content tokens not yet sent (their text may be held back).
+    pending_logprobs: Vec<Vec<TokenLogprobOut>>,
+}
+
+impl ChatStream {
+    fn chunk(&self, choice: Value) -> axum::body::Bytes {
+        self.head.frame(vec![choice], None)
     }
 
     fn delta_chunks(
@@ -637,25 +645,21 @@ impl StreamConverter for ChatStream {
                 false
             }
             RequestEvent::Done { usage } => {
-                if self.include_usage {
-                    out.push(self.chunk_with(Vec::new(), Some(usage.into())));
+                if self.head.include_usage {
+                    out.push(self.head.frame(Vec::new(), Some(usage.into())));
                 }
                 out.push(sse::done_frame());
                 true
             }
             RequestEvent::Error { message } => {
-                out.push(sse::data_frame(&ApiError::internal(message).body()));
-                out.push(sse::done_frame());
+                sse::error_frames(ApiError::internal(message), out);
                 true
             }
         }
     }
 
     fn on_abort(&mut self, out: &mut Vec<axum::body::Bytes>) {
-        out.push(sse::data_frame(
-            &ApiError::unavailable("The server is shutting down.").body(),
-        ));
-        out.push(sse::done_frame());
+        sse::error_frames(ApiError::unavailable("The server is shutting down."), out);
     }
 }
 
@@ -670,10 +674,7 @@ pub async fn completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match completions_inner(&state, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    completions_inner(&state, body).await.into_response()
 }
 
 async fn completions_inner(
@@ -776,29 +777,28 @@ async fn completions_inner(
     let created = now_unix();
     if req.stream.unwrap_or(false) {
         let conv = CompletionStream {
-            id,
-            created,
-            model,
-            include_usage: req
-                .stream_options
-                .and_then(|o| o.include_usage)
-                .unwrap_or(false),
+            head: ChunkHead {
+                id,
+                object: "text_completion",
+                created,
+                model,
+                include_usage: req
+                    .stream_options
+                    .and_then(|o| o.include_usage)
+                    .unwrap_or(false),
+            },
             n,
             logprobs: top.is_some(),
             tok,
             remaining: num_prompts,
-            usage: UsageInfo {
-                prompt_tokens: 0,
-                completion_tokens: 0,
-                total_tokens: 0,
-            },
+            usage: UsageInfo::default(),
             offsets: vec![0; num_prompts * n],
         };
         let mut initial = Vec::new();
         if echo {
             for (p, e) in echoes.iter().enumerate() {
                 for i in 0..n {
-                    initial.push(conv.chunk(json!({"index": p * n + i, "text": e, "logprobs": null, "finish_reason": null}), None));
+                    initial.push(conv.chunk(json!({"index": p * n + i, "text": e, "logprobs": null, "finish_reason": null})));
                 }
             }
         }
@@ -806,15 +806,9 @@ async fn completions_inner(
     }
     let results = collect_all(sub).await?;
     let mut choices = Vec::new();
-    let mut usage = UsageInfo {
-        prompt_tokens: 0,
-        completion_tokens: 0,
-        total_tokens: 0,
-    };
+    let mut usage = UsageInfo::default();
     for (p, (events, u)) in results.into_iter().enumerate() {
-        usage.prompt_tokens += u.prompt_tokens;
-        usage.completion_tokens += u.completion_tokens;
-        usage.total_tokens += u.total_tokens;
+        usage += u;
         let mut texts: Vec<String> = vec![echoes[p].clone(); n];
         let mut lps: Vec<CompletionLogprobs> = vec![CompletionLogprobs::default(); n];
         let mut finish = vec![None; n];
@@ -836,11 +830,7 @@ async fn completions_inner(
                             &lp,
                         );
                     }
-                    for d in deltas {
-                        if let Delta::Text(s) = d {
-                            texts[choice].push_str(&s);
-                        }
-                    }
+                    texts[choice].push_str(&delta_text(deltas));
                 }
                 RequestEvent::Finished {
                     choice,
@@ -848,11 +838,7 @@ async fn completions_inner(
                     deltas,
                     ..
                 } => {
-                    for d in deltas {
-                        if let Delta::Text(s) = d {
-                            texts[choice].push_str(&s);
-                        }
-                    }
+                    texts[choice].push_str(&delta_text(deltas));
                     finish[choice] = Some(reason.as_str());
                 }
                 _ => {}
@@ -897,11 +883,22 @@ fn push_completion_logprob(
     lps.top_logprobs.push(top);
 }
 
+/// The text of a raw completion's deltas.
+fn delta_text(deltas: Vec<Delta>) -> String {
+    deltas
+        .into_iter()
+        .filter_map(|d| {
+            if let Delta::Text(s) = d {
+                Some(s)
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
 struct CompletionStream {
-    id: String,
-    created: u64,
-    model: String,
-    include_usage: bool,
+    head: ChunkHead,
     n: usize,
     logprobs: bool,
     tok: Tokenizer,
@@ -911,24 +908,8 @@ struct CompletionStream {
 }
 
 impl CompletionStream {
-    fn chunk(&self, choice: Value, usage: Option<UsageInfo>) -> axum::body::Bytes {
-        let choices = if choice.is_null() {
-            vec![]
-        } else {
-            vec![choice]
-        };
-        let mut v = json!({
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": null,
-            "choices": choices,
-        });
-        if self.include_usage {
-            v["usage"] = serde_json::to_value(usage).expect("usage");
-        }
-        sse::data_frame(&v)
+    fn chunk(&self, choice: Value) -> axum::body::Bytes {
+        self.head.frame(vec![choice], None)
     }
 }
 
@@ -948,16 +929,7 @@ impl StreamConverter for CompletionStream {
                 ..
             } => {
                 let idx = index * self.n + choice;
-                let text: String = deltas
-                    .into_iter()
-                    .filter_map(|d| {
-                        if let Delta::Text(s) = d {
-                            Some(s)
-                        } else {
-                            None
-                        }
-                    })
-                    .collect();
+                let text = delta_text(deltas);
                 let lp = match (self.logprobs, logprob) {
                     (true, Some(lp)) => {
                         let mut l = CompletionLogprobs::default();
@@ -970,7 +942,6 @@ impl StreamConverter for CompletionStream {
                     self.offsets[idx] += text.len();
                     out.push(self.chunk(
                         json!({"index": idx, "text": text, "logprobs": lp, "finish_reason": null}),
-                        None,
                     ));
                 }
                 false
@@ -982,46 +953,31 @@ impl StreamConverter for CompletionStream {
                 ..
             } => {
                 let idx = index * self.n + choice;
-                let text: String = deltas
-                    .into_iter()
-                    .filter_map(|d| {
-                        if let Delta::Text(s) = d {
-                            Some(s)
-                        } else {
-                            None
-                        }
-                    })
-                    .collect();
-                out.push(self.chunk(json!({"index": idx, "text": text, "logprobs": null, "finish_reason": reason.as_str()}), None));
+                let text = delta_text(deltas);
+                out.push(self.chunk(json!({"index": idx, "text": text, "logprobs": null, "finish_reason": reason.as_str()})));
                 false
             }
             RequestEvent::Done { usage } => {
-                self.usage.prompt_tokens += usage.prompt_tokens;
-                self.usage.completion_tokens += usage.completion_tokens;
-                self.usage.total_tokens += usage.prompt_tokens + usage.completion_tokens;
+                self.usage += usage.into();
                 self.remaining -= 1;
                 if self.remaining > 0 {
                     return false;
                 }
-                if self.include_usage {
-                    out.push(self.chunk(Value::Null, Some(self.usage)));
+                if self.head.include_usage {
+                    out.push(self.head.frame(Vec::new(), Some(self.usage)));
                 }
                 out.push(sse::done_frame());
                 true
             }
             RequestEvent::Error { message } => {
-                out.push(sse::data_frame(&ApiError::internal(message).body()));
-                out.push(sse::done_frame());
+                sse::error_frames(ApiError::internal(message), out);
                 true
             }
         }
     }
 
     fn on_abort(&mut self, out: &mut Vec<axum::body::Bytes>) {
-        out.push(sse::data_frame(
-            &ApiError::unavailable("The server is shutting down.").body(),
-        ));
-        out.push(sse::done_frame());
+        sse::error_frames(ApiError::unavailable("The server is shutting down."), out);
     }
 }
 

@@ -11,14 +11,14 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::response::{IntoResponse, Response};
 use gptoss_engine::request::{Delta, FinishReason, Request, RequestEvent, TokenKind, Usage};
-use gptoss_model::harmony::{Conversation, DeveloperContent, Message, Role, ToolDescription};
+use gptoss_model::harmony::{Conversation, DeveloperContent, Message, ToolDescription};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::errors::{ApiError, parse_json};
 use crate::handlers::{
-    blocking, body_bytes, check_accepting, check_model, collect_all, now_unix, random_id,
+    body_bytes, check_accepting, check_model, collect_all, now_unix, random_id, render_prompt,
     resolve_max_tokens, sampling_params, submit,
 };
 use crate::harmony_bridge::{self, ToolChoice};
@@ -254,10 +254,7 @@ pub async fn responses(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match inner(&state, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    inner(&state, body).await.into_response()
 }
 
 async fn inner(
@@ -313,22 +310,7 @@ async fn inner(
         tools
     };
     let conv = conversation(&req, shown)?;
-    let st = Arc::clone(state);
-    let (prompt, forced) = blocking(move || -> Result<_, ApiError> {
-        let prompt = st
-            .encoding
-            .render_conversation_for_completion(&conv, &Role::Assistant)
-            .map_err(|e| {
-                ApiError::invalid(
-                    format!("Could not render the conversation: {e}"),
-                    Some("input"),
-                    None,
-                )
-            })?;
-        let forced = harmony_bridge::forced_prefix(st.encoding.tokenizer(), &choice)?;
-        Ok((prompt, forced))
-    })
-    .await??;
+    let (prompt, forced) = render_prompt(state, conv, choice, "input").await?;
     let max_model_len = state.engine.info().config.max_model_len;
     let max_tokens = resolve_max_tokens(
         req.max_output_tokens,
@@ -378,18 +360,9 @@ async fn inner(
     let mut finish = None;
     for ev in events {
         match ev {
-            RequestEvent::Token { kind, deltas, .. } => {
-                if kind == TokenKind::Reasoning {
-                    b.reasoning_tokens += 1;
-                }
-                for d in deltas {
-                    b.delta(d, &mut sink);
-                }
-            }
+            RequestEvent::Token { kind, deltas, .. } => b.token(kind, deltas, &mut sink),
             RequestEvent::Finished { reason, deltas, .. } => {
-                for d in deltas {
-                    b.delta(d, &mut sink);
-                }
+                b.deltas(deltas, &mut sink);
                 finish = Some(reason);
             }
             _ => {}
@@ -583,6 +556,20 @@ impl Builder {
         }
     }
 
+    fn deltas(&mut self, deltas: Vec<Delta>, out: &mut Frames) {
+        for d in deltas {
+            self.delta(d, out);
+        }
+    }
+
+    /// A generated token's deltas (a reasoning token is counted).
+    fn token(&mut self, kind: TokenKind, deltas: Vec<Delta>, out: &mut Frames) {
+        if kind == TokenKind::Reasoning {
+            self.reasoning_tokens += 1;
+        }
+        self.deltas(deltas, out);
+    }
+
     fn response(&self, status: &str, usage: Option<Usage>, finish: Option<FinishReason>) -> Value {
         let output: Vec<Value> = if status == "in_progress" {
             Vec::new()
@@ -630,18 +617,11 @@ impl StreamConverter for ResponsesStream {
     fn on_event(&mut self, _index: usize, event: RequestEvent, out: &mut Frames) -> bool {
         match event {
             RequestEvent::Token { kind, deltas, .. } => {
-                if kind == TokenKind::Reasoning {
-                    self.b.reasoning_tokens += 1;
-                }
-                for d in deltas {
-                    self.b.delta(d, out);
-                }
+                self.b.token(kind, deltas, out);
                 false
             }
             RequestEvent::Finished { reason, deltas, .. } => {
-                for d in deltas {
-                    self.b.delta(d, out);
-                }
+                self.b.deltas(deltas, out);
                 self.b.close(out);
                 self.finish = Some(reason);
                 false

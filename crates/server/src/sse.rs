@@ -16,6 +16,8 @@ use gptoss_engine::request::{RequestEvent, RequestId};
 use serde::Serialize;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
+use crate::errors::ApiError;
+
 /// Delivers the events of prompt `index` of an HTTP request into its channel.
 pub struct TokioSink {
     /// The channel.
@@ -101,6 +103,12 @@ pub fn event_frame(event: &str, value: &impl Serialize) -> Bytes {
 /// `data: [DONE]\n\n`.
 pub fn done_frame() -> Bytes {
     Bytes::from_static(b"data: [DONE]\n\n")
+}
+
+/// The end of a stream of `data:` chunks that failed: the error's body, then `[DONE]`.
+pub fn error_frames(error: ApiError, out: &mut Vec<Bytes>) {
+    out.push(data_frame(&error.body()));
+    out.push(done_frame());
 }
 
 /// Turns engine events into SSE frames for one endpoint.

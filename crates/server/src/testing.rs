@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gptoss_engine::backend::{Backend, BackendError, Logits, SeqId, StepBatch, validate_batch};
+use gptoss_engine::backend::{
+    Backend, BackendError, Logits, SeqId, StepBatch, check_start_positions, validate_batch,
+};
 use gptoss_formats::GptOssConfig;
 use gptoss_formats::synth::{Preset, SynthLayout, synth_config_json};
 use gptoss_model::tokenizer::{self, Tokenizer};
@@ -119,16 +121,7 @@ impl Backend for ScriptedBackend {
 
     fn forward(&mut self, batch: &StepBatch) -> Result<Logits, BackendError> {
         validate_batch(batch, self.max_batch_tokens())?;
-        for s in &batch.steps {
-            let have = self.seqs.get(&s.seq).map_or(0, Vec::len);
-            if have != s.start_pos {
-                return Err(BackendError::PositionMismatch {
-                    seq: s.seq,
-                    start_pos: s.start_pos,
-                    cached: have,
-                });
-            }
-        }
+        check_start_positions(batch, |seq| self.seqs.get(&seq).map_or(0, Vec::len))?;
         if !self.delay.is_zero() {
             std::thread::sleep(self.delay);
         }
