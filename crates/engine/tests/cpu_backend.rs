@@ -4,7 +4,7 @@ use gptoss_engine::backend::{Backend, BackendError, LogitsWanted, SeqStep, StepB
 use gptoss_engine::cpu::CpuBackend;
 use gptoss_formats::{Checkpoint, ModelWeights};
 use gptoss_model::reference::ReferenceModel;
-use gptoss_model::reference::testing::{TinyLayout, write_tiny_checkpoint};
+use gptoss_model::reference::testing::{TinyLayout, max_rel, write_tiny_checkpoint};
 
 fn backend(layout: TinyLayout) -> (tempfile::TempDir, CpuBackend) {
     let dir = tempfile::tempdir().unwrap();
@@ -20,15 +20,6 @@ fn step(seq: u64, tokens: &[u32], start_pos: usize, want: LogitsWanted) -> SeqSt
         start_pos,
         want_logits: want,
     }
-}
-
-fn max_rel(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-    got.iter()
-        .zip(want)
-        .fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()))
-        / scale
 }
 
 /// Logits of `tokens` from position 0 in one reference forward, on its own.

@@ -2,7 +2,7 @@
 //! `CpuBackend`: same logits (1e-5 relative) through prefill and decode past the sliding window,
 //! same greedy tokens, same error contract.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use gptoss_engine::backend::{Backend, BackendError, LogitsWanted, SeqStep, StepBatch};
@@ -11,10 +11,7 @@ use gptoss_engine::parallel::ShardedCpuBackend;
 use gptoss_formats::Checkpoint;
 use gptoss_formats::synth::{Preset, SynthLayout, synth};
 use gptoss_formats::writer::WriteOptions;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
+use gptoss_model::reference::testing::{fixtures_dir, max_rel};
 
 fn micro(layout: SynthLayout) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -44,15 +41,6 @@ fn step(seq: u64, tokens: &[u32], start_pos: usize, want: LogitsWanted) -> SeqSt
         start_pos,
         want_logits: want,
     }
-}
-
-fn max_rel(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-    got.iter()
-        .zip(want)
-        .fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()))
-        / scale
 }
 
 fn tokens(seed: u32, n: usize, vocab: usize) -> Vec<u32> {
@@ -125,7 +113,7 @@ fn two_ranks_match_the_cpu_backend_past_the_sliding_window() {
         "tiny-bf16",
         "tiny-fused-nf4",
     ] {
-        let e = compare(&fixtures().join(name), 7, 6);
+        let e = compare(&fixtures_dir().join(name), 7, 6);
         eprintln!("{name}: cpu-tp2 vs cpu-reference: max rel {e:.2e}");
     }
     // Micro: the real window of 128, crossed during decode.
@@ -170,8 +158,8 @@ fn greedy(b: &mut dyn Backend, prompt: &[u32], steps: usize) -> Vec<u32> {
 fn greedy_tokens_are_identical_for_32_steps() {
     let micro_dir = micro(SynthLayout::UnslothNf4);
     for dir in [
-        fixtures().join("tiny-unsloth-nf4"),
-        fixtures().join("tiny-fused-nf4"),
+        fixtures_dir().join("tiny-unsloth-nf4"),
+        fixtures_dir().join("tiny-fused-nf4"),
         micro_dir.path().to_path_buf(),
     ] {
         let (mut one, mut tp) = backends(&dir, 2);
@@ -186,7 +174,7 @@ fn greedy_tokens_are_identical_for_32_steps() {
 
 #[test]
 fn invalid_world_sizes_are_refused() {
-    let dir = fixtures().join("tiny-bf16");
+    let dir = fixtures_dir().join("tiny-bf16");
     for world in [0usize, 3, 4] {
         let e = ShardedCpuBackend::open(&dir, world).unwrap_err();
         let BackendError::Failed(msg) = &e else {
@@ -209,7 +197,7 @@ fn invalid_world_sizes_are_refused() {
 
 #[test]
 fn same_contract_as_the_cpu_backend() {
-    let dir = fixtures().join("tiny-unsloth-nf4");
+    let dir = fixtures_dir().join("tiny-unsloth-nf4");
     let (mut one, mut tp) = backends(&dir, 2);
     let tp_small = ShardedCpuBackend::open(&dir, 2)
         .unwrap()

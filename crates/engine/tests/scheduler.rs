@@ -2,7 +2,7 @@
 //! over small fake backends: continuous batching determinism, chunked prefill, preemption by
 //! recompute, cancellation, stop conditions, `n > 1`, Harmony output, failure isolation.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -16,8 +16,7 @@ use gptoss_engine::sampling::SamplingParams;
 use gptoss_engine::scheduler::SchedulerConfig;
 use gptoss_engine::stop::StopReason;
 use gptoss_formats::GptOssConfig;
-use gptoss_formats::synth::{Preset, SynthLayout, synth, synth_config_json};
-use gptoss_formats::writer::WriteOptions;
+use gptoss_formats::synth::{Preset, SynthLayout, synth_config_json, tiny_model_in};
 use gptoss_model::tokenizer::Tokenizer;
 
 /// The tiny model, synthesised once under the cargo target's test scratch folder and reused by
@@ -25,31 +24,7 @@ use gptoss_model::tokenizer::Tokenizer;
 fn tiny_dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-        let dir = root.join("tiny-nf4-seed0-v1");
-        if dir.join("config.json").is_file() {
-            return dir;
-        }
-        let tmp = tempfile::Builder::new()
-            .prefix("tiny-nf4-seed0.tmp")
-            .tempdir_in(&root)
-            .unwrap();
-        let out = tmp.path().join("model");
-        synth(
-            Preset::Tiny,
-            SynthLayout::UnslothNf4,
-            0,
-            &out,
-            WriteOptions::default(),
-        )
-        .unwrap();
-        if std::fs::rename(&out, &dir).is_err() {
-            assert!(
-                dir.join("config.json").is_file(),
-                "cannot place the tiny model"
-            );
-        }
-        dir
+        tiny_model_in(Path::new(env!("CARGO_TARGET_TMPDIR")), "tiny-nf4-seed0-v1").unwrap()
     })
 }
 

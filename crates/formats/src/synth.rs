@@ -490,8 +490,7 @@ pub const DEMO_MODEL_VERSION: &str = "demo-tiny-v1";
 
 /// The bundled demo model: a tiny random-weight GPT-OSS (real 201,088-token vocabulary, 2 layers)
 /// in the Unsloth NF4 layout, synthesized with seed 0 into `$GPTOSS_CACHE`, else
-/// `$XDG_CACHE_HOME/gptoss`, else `~/.cache/gptoss` on first use (about 50 MB, well under a
-/// second). Written to a temporary directory and renamed, so concurrent first uses are safe.
+/// `$XDG_CACHE_HOME/gptoss`, else `~/.cache/gptoss` on first use ([`tiny_model_in`]).
 /// It produces nonsense: it exists so the commands work on a fresh machine.
 pub fn demo_model_dir() -> Result<std::path::PathBuf> {
     use std::path::PathBuf;
@@ -506,12 +505,20 @@ pub fn demo_model_dir() -> Result<std::path::PathBuf> {
                 "no cache directory for the demo model: set GPTOSS_CACHE or HOME".into(),
             )
         })?;
-    let dir = base.join(DEMO_MODEL_VERSION);
+    tiny_model_in(&base, DEMO_MODEL_VERSION)
+}
+
+/// The demo model's recipe ([`Preset::Tiny`], Unsloth NF4, seed 0) in `base/name`: synthesized
+/// there on first use (about 50 MB, well under a second), reused once `config.json` exists.
+/// Written to a temporary directory and renamed, so concurrent first uses (processes, test
+/// binaries) are safe.
+pub fn tiny_model_in(base: &std::path::Path, name: &str) -> Result<std::path::PathBuf> {
+    let dir = base.join(name);
     if dir.join("config.json").exists() {
         return Ok(dir);
     }
-    std::fs::create_dir_all(&base).map_err(|e| FormatError::io(&base, e))?;
-    let tmp = base.join(format!("{DEMO_MODEL_VERSION}.tmp-{}", std::process::id()));
+    std::fs::create_dir_all(base).map_err(|e| FormatError::io(base, e))?;
+    let tmp = base.join(format!("{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     synth(
         Preset::Tiny,

@@ -4,17 +4,12 @@
 //! full model (sequences of 3, 11 and 19 tokens against a window of 4, and positions from 5000),
 //! for every storage layout. Tolerance: max|Δ| / max|ref| ≤ 1e-4.
 
-use std::path::PathBuf;
-
 use gptoss_formats::{Checkpoint, ModelWeights};
 use gptoss_model::reference::ReferenceModel;
+use gptoss_model::reference::testing::{fixtures_dir, max_rel};
 use safetensors::{Dtype, SafeTensors};
 
 const TOL: f64 = 1e-4;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
 
 struct Reference {
     bytes: Vec<u8>,
@@ -22,7 +17,7 @@ struct Reference {
 
 impl Reference {
     fn load(name: &str) -> Self {
-        let path = fixtures()
+        let path = fixtures_dir()
             .join("reference")
             .join(format!("{name}.safetensors"));
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -57,16 +52,6 @@ impl Reference {
     }
 }
 
-/// max|got - want| / max|want|.
-fn max_rel(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-    got.iter()
-        .zip(want)
-        .fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()))
-        / scale
-}
-
 fn check(layout: &str, what: &str, got: &[f32], want: &[f32], tol: f64) -> f64 {
     let err = max_rel(got, want);
     eprintln!("{layout:18} {what:28} max rel {err:.2e}");
@@ -78,7 +63,7 @@ fn check(layout: &str, what: &str, got: &[f32], want: &[f32], tol: f64) -> f64 {
 }
 
 fn run_layout(name: &str) {
-    let ckpt = Checkpoint::open(&fixtures().join(name)).unwrap();
+    let ckpt = Checkpoint::open(&fixtures_dir().join(name)).unwrap();
     let model = ReferenceModel::new(ModelWeights::new(&ckpt).unwrap());
     let r = Reference::load(name);
     let h = model.config().hidden_size;

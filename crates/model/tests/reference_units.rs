@@ -9,7 +9,7 @@ use gptoss_model::reference::attention::{attend, visible_keys};
 use gptoss_model::reference::kv_cache::LayerKv;
 use gptoss_model::reference::linear::matmul;
 use gptoss_model::reference::moe::{route, swiglu};
-use gptoss_model::reference::testing::{TinyLayout, write_tiny_checkpoint};
+use gptoss_model::reference::testing::{TinyLayout, max_rel, write_tiny_checkpoint};
 use gptoss_model::reference::{KvCache, ReferenceError, ReferenceModel, Rope, SeqInput};
 
 /// spec model.md §4, `inv[0..31]` (f64).
@@ -514,16 +514,6 @@ fn naive_logits(w: &ModelWeights<'_>, tokens: &[u32], positions: &[usize]) -> Ve
                 .collect::<Vec<_>>()
         })
         .collect()
-}
-
-fn max_rel(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-    let diff = got
-        .iter()
-        .zip(want)
-        .fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
-    diff / scale
 }
 
 const TOKENS: [u32; 13] = [5, 17, 96, 0, 42, 42, 7, 63, 88, 1, 30, 55, 12];

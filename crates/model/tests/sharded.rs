@@ -1,7 +1,7 @@
 //! Tensor/expert parallelism on the CPU: the shard plan, the in-process communicator, and the
 //! sharded reference forward (N ranks as threads) against the unsharded reference.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use gptoss_formats::synth::{Preset, preset_config};
@@ -9,25 +9,11 @@ use gptoss_formats::{Checkpoint, GptOssConfig, ModelWeights};
 use gptoss_model::reference::sharded::{
     Communicator, LocalCommunicator, ShardError, ShardPlan, ShardedReference,
 };
-use gptoss_model::reference::testing::{TinyLayout, write_tiny_checkpoint};
+use gptoss_model::reference::testing::{TinyLayout, fixtures_dir, max_rel, write_tiny_checkpoint};
 use gptoss_model::reference::{KvCache, ReferenceModel, SeqInput};
 
 fn real_config(preset: Preset) -> GptOssConfig {
     GptOssConfig::from_json_str(&preset_config(preset).to_string()).unwrap()
-}
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-/// max|got - want| / max|want|.
-fn max_rel(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-    got.iter()
-        .zip(want)
-        .fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()))
-        / scale
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -121,7 +107,7 @@ fn invalid_world_sizes_are_refused_clearly() {
         Err(ShardError::RankOutOfRange { rank: 2, world: 2 })
     );
     // The fixtures have 2 kv heads: world 2 is the largest.
-    let tiny = Checkpoint::open(&fixtures().join("tiny-bf16")).unwrap();
+    let tiny = Checkpoint::open(&fixtures_dir().join("tiny-bf16")).unwrap();
     assert_eq!(ShardPlan::valid_worlds(tiny.config()), vec![1, 2]);
     let e = ShardPlan::validate(tiny.config(), 4).unwrap_err();
     assert!(e.to_string().contains("num_key_value_heads = 2"), "{e}");
@@ -325,10 +311,10 @@ fn two_shards_equal_one_on_every_fixture_layout() {
         "tiny-bf16",
         "tiny-fused-nf4",
     ] {
-        let e = check_equal(&fixtures().join(name), 2, 14, 6);
+        let e = check_equal(&fixtures_dir().join(name), 2, 14, 6);
         eprintln!("{name}: world 2 vs 1: max rel {e:.2e}");
         // World 1 through the sharded code path is the reference up to nothing at all.
-        let e1 = check_equal(&fixtures().join(name), 1, 8, 5);
+        let e1 = check_equal(&fixtures_dir().join(name), 1, 8, 5);
         assert_eq!(e1, 0.0, "{name}: world 1");
     }
 }
@@ -397,7 +383,7 @@ fn uneven_experts_vocabulary_and_four_ranks() {
 
 #[test]
 fn a_refused_call_leaves_every_rank_in_step() {
-    let dir = fixtures().join("tiny-bf16");
+    let dir = fixtures_dir().join("tiny-bf16");
     let ckpt = Checkpoint::open(&dir).unwrap();
     let out = on_ranks(2, |comm| {
         let model = ShardedReference::new(ModelWeights::new(&ckpt).unwrap(), comm).unwrap();

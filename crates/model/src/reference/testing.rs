@@ -1,7 +1,24 @@
-//! Tiny random GPT-OSS checkpoints for tests (dense F32, Unsloth-split or fused layout), so the
-//! reference and the CPU backend can be exercised without downloading anything.
+//! Test support: tiny random GPT-OSS checkpoints (dense F32, Unsloth-split or fused layout), so
+//! the reference and the CPU backend can be exercised without downloading anything, the
+//! repository's fixtures and the error measure results are compared with.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// The repository's `fixtures/` folder (tiny checkpoints of every layout and reference outputs,
+/// made by `scripts/make_fixtures.py`).
+pub fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+/// `max|got - want| / max|want|`.
+pub fn max_rel(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    got.iter()
+        .zip(want)
+        .fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()))
+        / scale
+}
 
 /// Expert layout of a synthetic checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,15 +3,14 @@
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use gptoss_engine::backend::Backend;
 use gptoss_engine::cpu::CpuBackend;
 use gptoss_engine::engine::Engine;
-use gptoss_formats::synth::{Preset, SynthLayout, synth};
-use gptoss_formats::writer::WriteOptions;
+use gptoss_formats::synth::tiny_model_in;
 use gptoss_model::harmony::HarmonyEncoding;
 use gptoss_model::tokenizer::Tokenizer;
 use gptoss_server::testing::{ScriptedBackend, harmony_tokens};
@@ -23,31 +22,7 @@ use serde_json::Value;
 pub fn tiny_dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-        let dir = root.join("tiny-nf4-seed0-v1");
-        if dir.join("config.json").is_file() {
-            return dir;
-        }
-        let tmp = tempfile::Builder::new()
-            .prefix("tiny-nf4-seed0.tmp")
-            .tempdir_in(&root)
-            .unwrap();
-        let out = tmp.path().join("model");
-        synth(
-            Preset::Tiny,
-            SynthLayout::UnslothNf4,
-            0,
-            &out,
-            WriteOptions::default(),
-        )
-        .unwrap();
-        if std::fs::rename(&out, &dir).is_err() {
-            assert!(
-                dir.join("config.json").is_file(),
-                "cannot place the tiny model"
-            );
-        }
-        dir
+        tiny_model_in(Path::new(env!("CARGO_TARGET_TMPDIR")), "tiny-nf4-seed0-v1").unwrap()
     })
 }
 
