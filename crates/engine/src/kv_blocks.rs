@@ -605,10 +605,11 @@ impl KvBlockManager {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn layout() -> KvLayout {
+    /// A small layout (blocks of 4, window 8) for unit tests, here and in the scheduler's.
+    pub(crate) fn layout() -> KvLayout {
         KvLayout {
             block_size: 4,
             full_layers: 1,

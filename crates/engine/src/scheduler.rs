@@ -365,18 +365,8 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv_blocks::{KvCacheConfig, KvLayout};
-
-    fn layout() -> KvLayout {
-        KvLayout {
-            block_size: 4,
-            full_layers: 1,
-            sliding_layers: 1,
-            kv_dim: 8,
-            sliding_window: 8,
-            dtype_bytes: 2,
-        }
-    }
+    use crate::kv_blocks::KvCacheConfig;
+    use crate::kv_blocks::tests::layout;
 
     fn sched(full: usize, budget: usize, chunk: usize) -> Scheduler {
         Scheduler::new(
