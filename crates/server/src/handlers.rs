@@ -51,6 +51,17 @@ pub fn body_bytes(
     }
 }
 
+/// The body of a request to serve: the right error when it is over the limit or the server is
+/// draining.
+pub fn request_body(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Bytes, ApiError> {
+    let body = body_bytes(state, body)?;
+    check_accepting(state)?;
+    Ok(body)
+}
+
 /// The served name to report, after checking the requested one.
 pub fn check_model(state: &AppState, model: Option<&str>) -> Result<String, ApiError> {
     match model {
@@ -399,16 +410,9 @@ async fn plan_chat(state: &Arc<AppState>, body: Bytes) -> Result<ChatPlan, ApiEr
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    chat_inner(&state, body).await.into_response()
-}
-
-async fn chat_inner(
-    state: &Arc<AppState>,
-    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body_bytes(state, body)?;
-    check_accepting(state)?;
+    let state = &state;
+    let body = request_body(state, body)?;
     let plan = plan_chat(state, body).await?;
     let n = plan.request.n;
     let sub = submit(state, vec![plan.request])?;
@@ -673,16 +677,9 @@ pub const COMPLETION_STOP_TOKENS: [u32; 3] =
 pub async fn completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    completions_inner(&state, body).await.into_response()
-}
-
-async fn completions_inner(
-    state: &Arc<AppState>,
-    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body_bytes(state, body)?;
-    check_accepting(state)?;
+    let state = &state;
+    let body = request_body(state, body)?;
     let req: CompletionRequest = parse_json(&body)?;
     let model = check_model(state, req.model.as_deref())?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {

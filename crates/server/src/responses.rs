@@ -18,8 +18,8 @@ use serde_json::{Value, json};
 use crate::AppState;
 use crate::errors::{ApiError, parse_json};
 use crate::handlers::{
-    body_bytes, check_accepting, check_model, collect_all, now_unix, random_id, render_prompt,
-    resolve_max_tokens, sampling_params, submit,
+    check_model, collect_all, now_unix, random_id, render_prompt, request_body, resolve_max_tokens,
+    sampling_params, submit,
 };
 use crate::harmony_bridge::{self, ToolChoice};
 use crate::sse::{self, StreamConverter};
@@ -253,16 +253,9 @@ fn conversation(
 pub async fn responses(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    inner(&state, body).await.into_response()
-}
-
-async fn inner(
-    state: &Arc<AppState>,
-    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body_bytes(state, body)?;
-    check_accepting(state)?;
+    let state = &state;
+    let body = request_body(state, body)?;
     let req: ResponsesRequest = parse_json(&body)?;
     let model = check_model(state, req.model.as_deref())?;
     if req.previous_response_id.is_some() {
