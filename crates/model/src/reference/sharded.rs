@@ -115,15 +115,16 @@
 use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use gptoss_formats::weights::{LayerWeights, Orientation};
-use gptoss_formats::{GptOssConfig, Matrix, ModelWeights};
-use rayon::prelude::*;
+use gptoss_formats::weights::LayerWeights;
+use gptoss_formats::{GptOssConfig, ModelWeights};
 
 use super::attention::{Segment, attend_segments};
 use super::kv_cache::KvCache;
-use super::linear::dot;
 use super::model::{ReferenceModel, SeqInput, add_assign};
 use super::{ReferenceError, Result};
+
+/// The slices a rank multiplies by (its rows of q/k/v and lm_head, its columns of o_proj).
+pub use super::linear::MatrixSlice;
 
 // ---------------------------------------------------------------------------------------------
 // The plan
@@ -552,166 +553,6 @@ impl Drop for LocalCommunicator {
         st.poisoned.get_or_insert(why);
         self.group.cv.notify_all();
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Matrix slices
-// ---------------------------------------------------------------------------------------------
-
-/// A row and column range of a stored [`Matrix`] (logical `[rows = out, cols = in]`), decoded on
-/// the fly like [`linear::matmul`](super::linear::matmul) does for whole matrices. Rows are
-/// offsets into `decode_stored` for `OutIn` storage; columns are ranges within each row.
-#[derive(Debug, Clone)]
-pub struct MatrixSlice<'m, 'a> {
-    pub matrix: &'m Matrix<'a>,
-    pub rows: Range<usize>,
-    pub cols: Range<usize>,
-}
-
-impl<'m, 'a> MatrixSlice<'m, 'a> {
-    /// Rows `rows` and columns `cols` of `matrix` (panics if out of bounds).
-    pub fn new(matrix: &'m Matrix<'a>, rows: Range<usize>, cols: Range<usize>) -> Self {
-        assert!(
-            rows.start <= rows.end && rows.end <= matrix.rows,
-            "{}: rows {rows:?} of {}",
-            matrix.name,
-            matrix.rows
-        );
-        assert!(
-            cols.start <= cols.end && cols.end <= matrix.cols,
-            "{}: columns {cols:?} of {}",
-            matrix.name,
-            matrix.cols
-        );
-        MatrixSlice { matrix, rows, cols }
-    }
-
-    /// Rows `rows`, every column.
-    pub fn rows(matrix: &'m Matrix<'a>, rows: Range<usize>) -> Self {
-        Self::new(matrix, rows, 0..matrix.cols)
-    }
-
-    /// Columns `cols`, every row.
-    pub fn cols(matrix: &'m Matrix<'a>, cols: Range<usize>) -> Self {
-        Self::new(matrix, 0..matrix.rows, cols)
-    }
-
-    /// Number of rows of the slice.
-    pub fn num_rows(&self) -> usize {
-        self.rows.len()
-    }
-
-    /// Number of columns of the slice.
-    pub fn num_cols(&self) -> usize {
-        self.cols.len()
-    }
-
-    /// Decodes row `r` of the slice (row `rows.start + r` of the matrix, its `cols`) into `dst`.
-    pub fn decode_row(&self, r: usize, dst: &mut [f32]) {
-        assert!(r < self.num_rows() && dst.len() == self.num_cols());
-        let m = self.matrix;
-        let row = self.rows.start + r;
-        match m.orientation {
-            Orientation::OutIn => m.decode_stored(row * m.cols + self.cols.start, dst),
-            Orientation::InOut => {
-                let mut one = [0f32];
-                for (k, d) in dst.iter_mut().enumerate() {
-                    m.decode_stored((self.cols.start + k) * m.rows + row, &mut one);
-                    *d = one[0];
-                }
-            }
-        }
-    }
-
-    /// `y[T, num_rows] = x[T, num_cols] @ S.T (+ b)`, `b` of `num_rows` values.
-    pub fn matmul(&self, x: &[f32], t: usize, bias: Option<&[f32]>) -> Vec<f32> {
-        let (nr, nc) = (self.num_rows(), self.num_cols());
-        assert_eq!(
-            x.len(),
-            t * nc,
-            "{}: input is not [{t}, {nc}]",
-            self.matrix.name
-        );
-        if let Some(b) = bias {
-            assert_eq!(b.len(), nr, "{}: bias length", self.matrix.name);
-        }
-        if t == 0 || nr == 0 {
-            return vec![0f32; t * nr];
-        }
-        match self.matrix.orientation {
-            Orientation::OutIn => self.matmul_out_in(x, t, bias),
-            Orientation::InOut => self.matmul_in_out(x, t, bias),
-        }
-    }
-
-    fn matmul_out_in(&self, x: &[f32], t: usize, bias: Option<&[f32]>) -> Vec<f32> {
-        let (nr, nc) = (self.num_rows(), self.num_cols());
-        let rpc = chunk_len(nr, 4);
-        let mut yt = vec![0f32; nr * t];
-        yt.par_chunks_mut(rpc * t).enumerate().for_each_init(
-            || vec![0f32; nc],
-            |row, (ci, block)| {
-                for (k, y) in block.chunks_exact_mut(t).enumerate() {
-                    let r = ci * rpc + k;
-                    self.decode_row(r, row);
-                    let b = bias.map_or(0.0, |b| b[r]);
-                    for (ti, yv) in y.iter_mut().enumerate() {
-                        *yv = dot(&x[ti * nc..(ti + 1) * nc], row) + b;
-                    }
-                }
-            },
-        );
-        let mut y = vec![0f32; t * nr];
-        for r in 0..nr {
-            for ti in 0..t {
-                y[ti * nr + r] = yt[r * t + ti];
-            }
-        }
-        y
-    }
-
-    fn matmul_in_out(&self, x: &[f32], t: usize, bias: Option<&[f32]>) -> Vec<f32> {
-        let (nr, nc) = (self.num_rows(), self.num_cols());
-        let m = self.matrix;
-        let width = chunk_len(nr, 64);
-        let parts: Vec<Vec<f32>> = (0..nr.div_ceil(width))
-            .into_par_iter()
-            .map(|ci| {
-                let r0 = ci * width;
-                let wd = width.min(nr - r0);
-                let mut buf = vec![0f32; wd];
-                let mut acc = vec![0f32; t * wd];
-                for c in 0..nc {
-                    let col = self.cols.start + c;
-                    m.decode_stored(col * m.rows + self.rows.start + r0, &mut buf);
-                    for ti in 0..t {
-                        let xv = x[ti * nc + c];
-                        for (a, &wv) in acc[ti * wd..(ti + 1) * wd].iter_mut().zip(&buf) {
-                            *a += xv * wv;
-                        }
-                    }
-                }
-                acc
-            })
-            .collect();
-        let mut y = vec![0f32; t * nr];
-        for (ci, acc) in parts.iter().enumerate() {
-            let r0 = ci * width;
-            let wd = acc.len() / t;
-            for ti in 0..t {
-                for k in 0..wd {
-                    y[ti * nr + r0 + k] = acc[ti * wd + k] + bias.map_or(0.0, |b| b[r0 + k]);
-                }
-            }
-        }
-        y
-    }
-}
-
-/// Enough chunks to keep every thread busy, each large enough to amortize scheduling.
-fn chunk_len(n: usize, min: usize) -> usize {
-    let parts = rayon::current_num_threads() * 8;
-    n.div_ceil(parts).max(min).min(n.max(1))
 }
 
 // ---------------------------------------------------------------------------------------------
