@@ -383,3 +383,411 @@ extern "C" __global__ void __launch_bounds__(256, 3) k_moe_dn(const LayerDev* L,
         __syncthreads();
     }
 }
+
+// =============================================================================================
+// Decode-only (T = 1) kernels, v6: activations in registers, rows in tiles.
+//
+// A GEMV lane of the kernels above re-reads its 32 activations from shared memory for every row
+// (one LDS.128 wavefront per 32 weights, as many as the 4-bit table lookups), and a warp does
+// one row (pair) per unit. Here every warp owns one column segment of <= 32 16-byte chunks
+// (segment s of S = ceil(chunks/32); lane l owns chunk s*seg + l), keeps that chunk's 32
+// activations in registers for the whole kernel, and runs over tiles of RT rows: per tile each
+// lane issues RT 16-byte loads (plus scales) before any is used, computes RT chunk dot products
+// with the 4-bit table in shared memory (one PRMT, one LDS, one FMA per weight), and the warp
+// reduces the RT row sums with one transposing butterfly (log2(RT) + 5 - log2(RT) shuffle steps
+// for all RT rows). The S segment sums of a row meet in shared memory and are added in segment
+// order: deterministic.
+//
+// k_moe_gu1  grid (gx), block S*G warps (G row groups, S <= 6). Tiles of RT_GU rows of the K
+//            selected experts' gate_up (tile = (k, rows)); act[k, i] = SwiGLU(gate 2i, up 2i+1).
+// k_moe_dn1  grid (gx), block K*S warps (warp = (expert k, segment s)). Tiles of RT_DN rows of
+//            the K experts' down: x[r] += sum_k wsel[k] * (down_k[r,:] . act[k,:] + b_k[r]),
+//            summed in k order.
+// k_oproj_router  grid (gx <= RP_MAXB), block 256, dyn smem = padded(QD)*4 + 512.
+//            x[r] += o[r,:] . attn + b_o[r] (one row per warp unit, as k_linear), and, as each
+//            x[r] is produced, lane e of its warp adds router[e, r] * (post_norm[r] * x[r]) to
+//            its partial logit of expert e (+32, +64, +96) and x[r]^2 to the sum of squares.
+//            Blocks write their partials ([E+1][RP_MAXB], transposed); the last block to finish
+//            sums them in a fixed order, logits = inv_rms * partial + b_r, writes
+//            h = post_norm * (x * inv_rms) and runs the top-k (bf16 router only).
+// =============================================================================================
+
+#define RT_GU 8
+#define RT_DN 4
+#define RP_MAXB 384  // most blocks of k_oproj_router
+#define RP_MAXE 128  // most experts of k_oproj_router
+
+// Raw scale data of one chunk (loads issued early, decoded after the weights arrive).
+struct SRaw {
+    unsigned a;
+    float b;
+};
+
+__device__ __forceinline__ SRaw q4_scale_load(const QMat& m, int r, int c, int nch) {
+    SRaw s;
+    if (m.kind == K_MXFP4) {
+        s.a = __ldg(m.s + (size_t)r * nch + c);
+        s.b = 0.f;
+    } else {
+        const size_t k = (size_t)r * (nch >> 1) + (c >> 1);
+        if (m.kind == K_NF4N) {
+            s.a = __ldg(m.s + k);
+            s.b = __ldg(m.nabs + (k >> m.nbs_shift));
+        } else {
+            s.a = 0;
+            s.b = __ldg(reinterpret_cast<const float*>(m.s) + k);
+        }
+    }
+    return s;
+}
+
+// ncode_s: the matrix's nested code (256 f32) in shared memory.
+__device__ __forceinline__ float q4_scale_fin(const QMat& m, const float* ncode_s, SRaw s) {
+    if (m.kind == K_MXFP4) return e8m0(s.a);
+    if (m.kind == K_NF4N) return __fadd_rn(__fmul_rn(ncode_s[s.a], s.b), m.offset);
+    return s.b;
+}
+
+// Dot of one 16-byte chunk of 4-bit codes (32 elements) with 32 activations in registers;
+// lb = the 16-entry value table (shared memory) as bytes. MX: element 2j in the low nibble.
+template <bool MX>
+__device__ __forceinline__ float chunk_dot(const uint4 v, const float (&x)[32], const char* lb) {
+    float a = 0.f;
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        const unsigned w = q == 0 ? v.x : (q == 1 ? v.y : (q == 2 ? v.z : v.w));
+        const unsigned hi = (w >> 2) & 0x3c3c3c3cu, lo = (w << 2) & 0x3c3c3c3cu;
+        const unsigned f = MX ? lo : hi, s2 = MX ? hi : lo;
+        a = fmaf(*reinterpret_cast<const float*>(lb + (f & 0xffu)), x[8 * q + 0], a);
+        a = fmaf(*reinterpret_cast<const float*>(lb + (s2 & 0xffu)), x[8 * q + 1], a);
+        a = fmaf(*reinterpret_cast<const float*>(lb + __byte_perm(f, 0u, 0x4441)), x[8 * q + 2], a);
+        a = fmaf(*reinterpret_cast<const float*>(lb + __byte_perm(s2, 0u, 0x4441)), x[8 * q + 3], a);
+        a = fmaf(*reinterpret_cast<const float*>(lb + __byte_perm(f, 0u, 0x4442)), x[8 * q + 4], a);
+        a = fmaf(*reinterpret_cast<const float*>(lb + __byte_perm(s2, 0u, 0x4442)), x[8 * q + 5], a);
+        a = fmaf(*reinterpret_cast<const float*>(lb + __byte_perm(f, 0u, 0x4443)), x[8 * q + 6], a);
+        a = fmaf(*reinterpret_cast<const float*>(lb + __byte_perm(s2, 0u, 0x4443)), x[8 * q + 7], a);
+    }
+    return a;
+}
+
+// Sums R per-lane values (one per row) over the 32 lanes of a warp for all R rows at once.
+// Returns, in every lane, the total of row lane / (32 / R) (so lanes with lane % (32/R) == 0
+// hold row 0, 1, ... R-1 in order). Fixed order: deterministic.
+template <int R>
+__device__ __forceinline__ float xreduce(float (&v)[R], int lane) {
+#pragma unroll
+    for (int n = R, off = 16; n > 1; n >>= 1, off >>= 1) {
+        const bool up = (lane & off) != 0;
+#pragma unroll
+        for (int i = 0; i < n / 2; i++) {
+            const float send = up ? v[i] : v[i + n / 2];
+            const float keep = up ? v[i + n / 2] : v[i];
+            v[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+        }
+    }
+    float r = v[0];
+#pragma unroll
+    for (int off = 16 / R; off > 0; off >>= 1) r += __shfl_xor_sync(0xffffffffu, r, off);
+    return r;
+}
+
+// One tile: rows r0..r0+R-1 of m, this lane's chunk c (act_l: the lane owns a chunk).
+// Returns the warp-reduced sum of row lane / (32 / R).
+template <int R>
+__device__ __forceinline__ float q4_tile(const QMat& m, const float* ncode_s, const float* lut, int r0, int c,
+                                         int nch, bool act_l, const float (&xr)[32], int lane) {
+    const size_t rb = (size_t)(nch << 4);
+    uint4 w[R];
+    SRaw sr[R];
+#pragma unroll
+    for (int i = 0; i < R; i++) {
+        if (act_l) {
+            w[i] = ldg16(m.w + (size_t)(r0 + i) * rb + ((size_t)c << 4));
+            sr[i] = q4_scale_load(m, r0 + i, c, nch);
+        } else {
+            w[i] = make_uint4(0, 0, 0, 0);
+            sr[i].a = 0;
+            sr[i].b = 0.f;
+        }
+    }
+    const char* lb = reinterpret_cast<const char*>(lut);
+    float rp[R];
+    if (m.kind == K_MXFP4) {
+#pragma unroll
+        for (int i = 0; i < R; i++) rp[i] = chunk_dot<true>(w[i], xr, lb) * q4_scale_fin(m, ncode_s, sr[i]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < R; i++) rp[i] = chunk_dot<false>(w[i], xr, lb) * q4_scale_fin(m, ncode_s, sr[i]);
+    }
+    if (!act_l) {
+#pragma unroll
+        for (int i = 0; i < R; i++) rp[i] = 0.f;
+    }
+    return xreduce<R>(rp, lane);
+}
+
+__device__ __forceinline__ void q4_prefetch_tile(const QMat& m, int r0, int R, int c, int nch) {
+    const size_t rb = (size_t)(nch << 4);
+    for (int i = 0; i < R; i++) pf_l2(m.w + (size_t)(r0 + i) * rb + ((size_t)c << 4));
+}
+
+// The K matrices' value tables and nested codes into shared memory (no barrier).
+__device__ __forceinline__ void q4_tables(const QMat* mats, int K, float* luts, float* ncs) {
+    for (int i = threadIdx.x; i < K * 16; i += blockDim.x) {
+        const QMat& m = mats[i >> 4];
+        luts[i] = m.kind == K_MXFP4 ? FP4_VALUES[i & 15] : __ldg(m.code + (i & 15));
+    }
+    for (int i = threadIdx.x; i < K * 256; i += blockDim.x) {
+        const QMat& m = mats[i >> 8];
+        if (m.kind == K_NF4N) ncs[i] = __ldg(m.ncode + (i & 255));
+    }
+}
+
+// The 32 activations of chunk c of vector v into registers (zeros for lanes without a chunk).
+__device__ __forceinline__ void load_chunk_x(float (&xr)[32], const float* v, int c, bool act_l) {
+    const float4* p = reinterpret_cast<const float4*>(v + (size_t)c * 32);
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        float4 f = act_l ? p[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+        xr[4 * i] = f.x;
+        xr[4 * i + 1] = f.y;
+        xr[4 * i + 2] = f.z;
+        xr[4 * i + 3] = f.w;
+    }
+}
+
+__device__ __forceinline__ void moe_gu1_body(const LayerDev* L, const float* h, int H, int I, int K, int S,
+                                             const int* sel, float* act, float alpha, float limit) {
+    __shared__ QMat mats[MAXK];
+    __shared__ float luts[MAXK * 16];
+    __shared__ float ncs[MAXK * 256];
+    __shared__ float part[32 * RT_GU];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int G = (blockDim.x >> 5) / S;
+    const int g = warp / S, s = warp - g * S;
+    if (tid < K) mats[tid] = L->gu[sel[tid]];
+    __syncthreads();
+    const int nch = H >> 5, seg = (nch + S - 1) / S, c = s * seg + lane;
+    const bool act_l = lane < seg && c < nch && g < G;
+    const int tpe = (2 * I) / RT_GU, ntiles = K * tpe;
+    const int stride = gridDim.x * G;
+    if (act_l) {
+        for (int q = 0; q < 2; q++) {
+            const int tile = blockIdx.x * G + g + q * stride;
+            if (tile < ntiles) {
+                const int k = tile / tpe;
+                q4_prefetch_tile(mats[k], (tile - k * tpe) * RT_GU, RT_GU, c, nch);
+            }
+        }
+    }
+    q4_tables(mats, K, luts, ncs);
+    float xr[32];
+    load_chunk_x(xr, h, c, act_l);
+    __syncthreads();
+    for (int base = blockIdx.x * G; base < ntiles; base += stride) {
+        const int tile = base + g;
+        if (g < G && tile < ntiles) {
+            const int k = tile / tpe, r0 = (tile - k * tpe) * RT_GU;
+            const QMat& m = mats[k];
+            if (act_l && tile + 2 * stride < ntiles) {
+                const int t2 = tile + 2 * stride, k2 = t2 / tpe;
+                q4_prefetch_tile(mats[k2], (t2 - k2 * tpe) * RT_GU, RT_GU, c, nch);
+            }
+            const float v = q4_tile<RT_GU>(m, ncs + 256 * k, luts + 16 * k, r0, c, nch, act_l, xr, lane);
+            if ((lane & (32 / RT_GU - 1)) == 0) part[warp * RT_GU + lane / (32 / RT_GU)] = v;
+        }
+        __syncthreads();
+        if (tid < G * (RT_GU / 2)) {
+            const int gg = tid / (RT_GU / 2), p = tid - gg * (RT_GU / 2), t2 = base + gg;
+            if (t2 < ntiles) {
+                const int k2 = t2 / tpe, r = (t2 - k2 * tpe) * RT_GU + 2 * p;
+                float gate = 0.f, up = 0.f;
+                for (int s2 = 0; s2 < S; s2++) {
+                    gate += part[(gg * S + s2) * RT_GU + 2 * p];
+                    up += part[(gg * S + s2) * RT_GU + 2 * p + 1];
+                }
+                const float* b = mats[k2].bias;
+                if (b) {
+                    gate += b[r];
+                    up += b[r + 1];
+                }
+                act[(size_t)k2 * I + (r >> 1)] = clamped_swiglu(gate, up, alpha, limit);
+            }
+        }
+        __syncthreads();
+    }
+}
+
+// Two register budgets of the same kernel: <= 112 registers (3 blocks of 6 warps per SM) and
+// <= 168 (2 blocks).
+extern "C" __global__ void __launch_bounds__(192, 3) k_moe_gu1(const LayerDev* L, const float* h, int H, int I, int K,
+                                                               int S, const int* sel, float* act, float alpha,
+                                                               float limit) {
+    moe_gu1_body(L, h, H, I, K, S, sel, act, alpha, limit);
+}
+extern "C" __global__ void __launch_bounds__(192, 2) k_moe_gu1r(const LayerDev* L, const float* h, int H, int I, int K,
+                                                                int S, const int* sel, float* act, float alpha,
+                                                                float limit) {
+    moe_gu1_body(L, h, H, I, K, S, sel, act, alpha, limit);
+}
+
+extern "C" __global__ void __launch_bounds__(384) k_moe_dn1(const LayerDev* L, const float* act, int H, int I, int K,
+                                                            int S, const int* sel, const float* wsel, float* x) {
+    __shared__ QMat mats[MAXK];
+    __shared__ float luts[MAXK * 16];
+    __shared__ float ncs[MAXK * 256];
+    __shared__ float wk[MAXK];
+    __shared__ float part[32 * RT_DN];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int k = warp / S, s = warp - k * S;
+    if (tid < K) {
+        mats[tid] = L->dn[sel[tid]];
+        wk[tid] = wsel[tid];
+    }
+    __syncthreads();
+    const int nch = I >> 5, seg = (nch + S - 1) / S, c = s * seg + lane;
+    const bool act_l = lane < seg && c < nch && k < K;
+    const int ntiles = H / RT_DN, stride = gridDim.x;
+    if (act_l) {
+        for (int q = 0; q < 2; q++) {
+            const int tile = blockIdx.x + q * stride;
+            if (tile < ntiles) q4_prefetch_tile(mats[k], tile * RT_DN, RT_DN, c, nch);
+        }
+    }
+    q4_tables(mats, K, luts, ncs);
+    float xr[32];
+    load_chunk_x(xr, act + (size_t)(k < K ? k : 0) * I, c, act_l);
+    __syncthreads();
+    for (int tile = blockIdx.x; tile < ntiles; tile += stride) {
+        if (k < K) {
+            const QMat& m = mats[k];
+            if (act_l && tile + 2 * stride < ntiles) q4_prefetch_tile(m, (tile + 2 * stride) * RT_DN, RT_DN, c, nch);
+            const float v = q4_tile<RT_DN>(m, ncs + 256 * k, luts + 16 * k, tile * RT_DN, c, nch, act_l, xr, lane);
+            if ((lane & (32 / RT_DN - 1)) == 0) part[warp * RT_DN + lane / (32 / RT_DN)] = v;
+        }
+        __syncthreads();
+        if (tid < RT_DN) {
+            const int r = tile * RT_DN + tid;
+            float total = 0.f;
+            for (int kk = 0; kk < K; kk++) {
+                float y = 0.f;
+                for (int s2 = 0; s2 < S; s2++) y += part[(kk * S + s2) * RT_DN + tid];
+                const float* b = mats[kk].bias;
+                total += wk[kk] * (y + (b ? b[r] : 0.f));
+            }
+            x[r] += total;
+        }
+        __syncthreads();
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) k_oproj_router(const LayerDev* L, const float* a, float* x, int H,
+                                                                 int QD, float eps, float* h, float* logits,
+                                                                 float* rpart, unsigned* counter, int E, int topk,
+                                                                 int* sel, float* wsel) {
+    float* smem = reinterpret_cast<float*>(smem4);
+    const int xstride = padded_len(QD);
+    float* xs = smem;
+    __shared__ float lut[16];
+    __shared__ QMat mo, mr;
+    __shared__ float red[64];
+    __shared__ float lg[RP_MAXE + 1];
+    __shared__ int last_s;
+    if (threadIdx.x == 0) {
+        mo = L->o;
+        mr = L->router;
+    }
+    __syncthreads();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int r0 = blockIdx.x * WARPS + warp, stride = gridDim.x * WARPS;
+    const bool pf = H <= 8 * stride;
+    for (int k = 0; k < PF; k++)
+        if (pf && r0 + k * stride < H) prefetch_rows(mo, r0 + k * stride, 1, lane);
+    build_lut(lut, mo);
+    load_x<1>(xs, xstride, a, QD, 1, nullptr, 0.f, red, nullptr);
+    const int EL = (E + 31) >> 5;
+    const unsigned short* wr = reinterpret_cast<const unsigned short*>(mr.w);
+    const float* g = L->post_norm;
+    float pr[RP_MAXE / 32];
+#pragma unroll
+    for (int j = 0; j < RP_MAXE / 32; j++) pr[j] = 0.f;
+    float ss = 0.f;
+    for (int r = r0; r < H; r += stride) {
+        if (pf && r + PF * stride < H) prefetch_rows(mo, r + PF * stride, 1, lane);
+        float wv[RP_MAXE / 32];
+#pragma unroll
+        for (int j = 0; j < RP_MAXE / 32; j++) {
+            const int e = lane + 32 * j;
+            wv[j] = (j < EL && e < E) ? __uint_as_float(((unsigned)__ldg(wr + (size_t)e * H + r)) << 16) : 0.f;
+        }
+        const float gr = __ldg(g + r), xo = x[r];
+        int rows[1] = {r};
+        float acc[1][1];
+        warp_dot<1, 1, 8, 3>(mo, rows, xs, xstride, lut, acc, lane);
+        const float xn = xo + (acc[0][0] + (mo.bias ? mo.bias[r] : 0.f));
+        if (lane == 0) x[r] = xn;
+        const float gx = gr * xn;
+#pragma unroll
+        for (int j = 0; j < RP_MAXE / 32; j++) pr[j] = fmaf(wv[j], gx, pr[j]);
+        ss = fmaf(xn, xn, ss);
+    }
+    __syncthreads();  // every warp is done with xs: reuse it for the block's partials
+    const int E1 = E + 1;
+    float* rs = xs;  // [WARPS][E + 1]
+#pragma unroll
+    for (int j = 0; j < RP_MAXE / 32; j++) {
+        const int e = lane + 32 * j;
+        if (j < EL && e < E) rs[warp * E1 + e] = pr[j];
+    }
+    if (lane == 0) rs[warp * E1 + E] = ss;
+    __syncthreads();
+    for (int i = threadIdx.x; i < E1; i += blockDim.x) {
+        float v = 0.f;
+        for (int w = 0; w < WARPS; w++) v += rs[w * E1 + i];
+        rpart[(size_t)i * RP_MAXB + blockIdx.x] = v;
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last_s = atomicAdd(counter, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last_s) return;
+    __threadfence();
+    // Sum the blocks' partials: warp w takes values i = w, w+8, ... (4 at a time, every load in
+    // flight), lane l blocks l, l+32, ..., then a butterfly: a fixed order.
+    const int nb = gridDim.x;
+    for (int i0 = warp; i0 < E1; i0 += WARPS * 4) {
+        float v[4][RP_MAXB / 32];
+#pragma unroll
+        for (int ii = 0; ii < 4; ii++) {
+            const int i = i0 + WARPS * ii;
+#pragma unroll
+            for (int u = 0; u < RP_MAXB / 32; u++) {
+                const int b = lane + 32 * u;
+                v[ii][u] = (i < E1 && b < nb) ? __ldcg(rpart + (size_t)i * RP_MAXB + b) : 0.f;
+            }
+        }
+#pragma unroll
+        for (int ii = 0; ii < 4; ii++) {
+            float sum = 0.f;
+#pragma unroll
+            for (int u = 0; u < RP_MAXB / 32; u++) sum += v[ii][u];
+            sum = warp_sum(sum);
+            const int i = i0 + WARPS * ii;
+            if (lane == 0 && i < E1) lg[i] = sum;
+        }
+    }
+    __syncthreads();
+    const float inv = 1.0f / sqrtf(lg[E] / (float)H + eps);
+    for (int i = threadIdx.x; i < E; i += blockDim.x) logits[i] = lg[i] * inv + (mr.bias ? mr.bias[i] : 0.f);
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    const float4* g4 = reinterpret_cast<const float4*>(g);
+    float4* h4 = reinterpret_cast<float4*>(h);
+    for (int i = threadIdx.x; i < (H >> 2); i += blockDim.x) {
+        const float4 v = __ldcg(x4 + i), gv = g4[i];
+        h4[i] = make_float4(gv.x * (v.x * inv), gv.y * (v.y * inv), gv.z * (v.z * inv), gv.w * (v.w * inv));
+    }
+    __threadfence();  // the logits in L2 before warp 0 reads them with __ldcg
+    __syncthreads();
+    if (warp == 0) warp_topk(logits, E, topk, sel, wsel);
+    if (threadIdx.x == 0) *counter = 0;
+}

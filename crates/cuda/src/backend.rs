@@ -20,8 +20,8 @@ use gptoss_formats::{Checkpoint, GptOssConfig, ModelWeights};
 
 use crate::driver::{DevBuf, DeviceInfo, Event, Gpu, Graph, Timer};
 use crate::kernels::{
-    Dims, F_ARGMAX, F_NORM, F_RESID, F_TOPK, F_WRITE_NORMED, Kernels, LinearExtra, MAXT, PART,
-    SMAX, SmemPlan, StepParams,
+    Dims, F_ARGMAX, F_NORM, F_RESID, F_TOPK, F_WRITE_NORMED, K_BF16, Kernels, LinearExtra, MAXT,
+    PART, RP_MAXB, RP_MAXE, SMAX, SmemPlan, StepParams,
 };
 use crate::upload::{DeviceModel, RING_EXTRA, ReadBytes};
 
@@ -73,6 +73,8 @@ pub(crate) struct Scratch {
     pub(crate) red_val: DevBuf,
     pub(crate) red_idx: DevBuf,
     pub(crate) part: DevBuf,
+    /// Partial router logits of `k_oproj_router` (`[RP_MAXE + 1][RP_MAXB]`).
+    pub(crate) rpart: DevBuf,
     pub(crate) counters: DevBuf,
     pub(crate) sp: DevBuf,
 }
@@ -95,6 +97,7 @@ impl Scratch {
             red_val: f(red)?,
             red_idx: f(red)?,
             part: f(MAXT * d.nh * SMAX * PART)?,
+            rpart: f((RP_MAXE + 1) * RP_MAXB)?,
             counters: f(MAXT * d.nkv + 8)?,
             sp: gpu.alloc_zeroed(std::mem::size_of::<StepParams>())?,
         })
@@ -129,6 +132,10 @@ pub struct CudaBackend {
     load: LoadReport,
     pub(crate) scratch: Scratch,
     pub(crate) model: DeviceModel,
+    /// Single-token steps run o_proj + router + top-k as one kernel (`k_oproj_router`).
+    pub(crate) fused_router: bool,
+    /// Single-token steps run the experts with `k_moe_gu1` / `k_moe_dn1`.
+    pub(crate) moe1: bool,
     pub(crate) k: Kernels,
     // Dropped last: the context must outlive every buffer.
     pub(crate) gpu: Gpu,
@@ -182,6 +189,24 @@ impl CudaBackend {
         let model = DeviceModel::upload(&gpu, w, max_context).map_err(failed)?;
         let scratch = Scratch::new(&gpu, &dims).map_err(failed)?;
         gpu.sync().map_err(failed)?;
+        // GPTOSS_CUDA_V5=1 (or the two finer switches) runs the v5 kernels instead, for A/B
+        // measurements in one binary.
+        let env = |n: &str| std::env::var(n).is_ok_and(|v| !v.is_empty() && v != "0");
+        let v5 = env("GPTOSS_CUDA_V5");
+        let fused_router = !v5
+            && !env("GPTOSS_CUDA_NO_FUSED_ROUTER")
+            && dims.e <= RP_MAXE
+            && dims.k <= dims.e
+            && model.layers.iter().all(|l| {
+                l.router.kind == K_BF16
+                    && l.router.cols as usize == dims.h
+                    && l.router.rows as usize == dims.e
+                    && l.o.rows as usize == dims.h
+            });
+        let moe1 = !v5
+            && !env("GPTOSS_CUDA_NO_MOE1")
+            && model.experts_4bit
+            && Kernels::moe1_supported(&dims);
         let load = LoadReport {
             seconds: start.elapsed().as_secs_f64(),
             weight_bytes: model.weight_bytes,
@@ -196,6 +221,8 @@ impl CudaBackend {
             load,
             scratch,
             model,
+            fused_router,
+            moe1,
             k,
             gpu,
         })
@@ -340,7 +367,6 @@ impl CudaBackend {
             let ld = m
                 .layer_dev
                 .at(l * std::mem::size_of::<crate::kernels::LayerDev>());
-            let lh = &m.layers[l];
             mark("k_qkv (rmsnorm+q/k/v+rope)")?;
             k.qkv(
                 s,
@@ -368,6 +394,132 @@ impl CudaBackend {
                 d,
                 t,
             )?;
+            self.record_oproj_router(t, l, lin_counter, mark)?;
+            self.record_moe(t, l, mark)?;
+        }
+        if let Some((first, count)) = lm {
+            let (nt, i) = Self::nt_index(count);
+            let extra = LinearExtra {
+                idx_out: sc.idx.ptr,
+                red_val: sc.red_val.ptr,
+                red_idx: sc.red_idx.ptr,
+                counter: sc.counters.at((MAXT * d.nkv + 1) * 4),
+                ..LinearExtra::default()
+            };
+            mark("k_linear lm_head+argmax")?;
+            k.linear(
+                s,
+                nt,
+                self.plan.linear_h[i],
+                &m.lm_head,
+                sc.x.at(first * d.h * 4),
+                d.h,
+                count,
+                m.norm,
+                d.eps,
+                sc.logits.ptr,
+                d.vocab,
+                F_NORM | F_ARGMAX,
+                &extra,
+            )?;
+        }
+        mark("end")?;
+        Ok(())
+    }
+
+    /// The experts of layer `l`: gate_up + SwiGLU, then down + weighted sum + residual
+    /// (`k_moe_gu1` / `k_moe_dn1` for single tokens when [`Self::moe1`], else `k_moe_gu` /
+    /// `k_moe_dn`).
+    pub(crate) fn record_moe(
+        &self,
+        t: usize,
+        l: usize,
+        mark: &mut dyn FnMut(&'static str) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let (k, s, d, sc, m) = (
+            &self.k,
+            &self.gpu.stream,
+            &self.dims,
+            &self.scratch,
+            &self.model,
+        );
+        let ld = m
+            .layer_dev
+            .at(l * std::mem::size_of::<crate::kernels::LayerDev>());
+        if t == 1 && self.moe1 {
+            mark("k_moe_gu1")?;
+            k.moe_gu1(s, ld, sc.h.ptr, d, sc.sel.ptr, sc.act.ptr)?;
+            mark("k_moe_dn1")?;
+            return k.moe_dn1(s, ld, sc.act.ptr, d, sc.sel.ptr, sc.wsel.ptr, sc.x.ptr);
+        }
+        let sp = sc.sp.ptr;
+        mark("k_moe_gu")?;
+        k.moe_gu(
+            s,
+            self.plan.moe_gu,
+            ld,
+            sp,
+            sc.h.ptr,
+            d,
+            t,
+            sc.sel.ptr,
+            sc.act.ptr,
+        )?;
+        mark("k_moe_dn")?;
+        k.moe_dn(
+            s,
+            self.plan.moe_dn,
+            ld,
+            sp,
+            sc.act.ptr,
+            d,
+            t,
+            sc.sel.ptr,
+            sc.wsel.ptr,
+            sc.x.ptr,
+        )
+    }
+
+    /// o_proj + residual, then RMSNorm + router + top-k of layer `l` (x, h, router logits,
+    /// sel, wsel): one `k_oproj_router` for single tokens when [`Self::fused_router`], else two
+    /// `k_linear` launches (chunks of several tokens, routers `k_oproj_router` does not handle).
+    pub(crate) fn record_oproj_router(
+        &self,
+        t: usize,
+        l: usize,
+        lin_counter: u64,
+        mark: &mut dyn FnMut(&'static str) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let (k, s, d, sc, m) = (
+            &self.k,
+            &self.gpu.stream,
+            &self.dims,
+            &self.scratch,
+            &self.model,
+        );
+        let (nt, i) = Self::nt_index(t);
+        let lh = &m.layers[l];
+        if t == 1 && self.fused_router {
+            let ld = m
+                .layer_dev
+                .at(l * std::mem::size_of::<crate::kernels::LayerDev>());
+            mark("k_oproj_router (o_proj+rmsnorm+router+top-k)")?;
+            return k.oproj_router(
+                s,
+                self.plan.linear_q[0],
+                ld,
+                sc.attn.ptr,
+                sc.x.ptr,
+                d,
+                sc.h.ptr,
+                sc.rlog.ptr,
+                sc.rpart.ptr,
+                lin_counter,
+                sc.sel.ptr,
+                sc.wsel.ptr,
+            );
+        }
+        {
             let none = LinearExtra::default();
             mark("k_linear o_proj")?;
             k.linear(
@@ -409,59 +561,7 @@ impl CudaBackend {
                 F_NORM | F_WRITE_NORMED | F_TOPK,
                 &router,
             )?;
-            mark("k_moe_gu")?;
-            k.moe_gu(
-                s,
-                self.plan.moe_gu,
-                ld,
-                sp,
-                sc.h.ptr,
-                d,
-                t,
-                sc.sel.ptr,
-                sc.act.ptr,
-            )?;
-            mark("k_moe_dn")?;
-            k.moe_dn(
-                s,
-                self.plan.moe_dn,
-                ld,
-                sp,
-                sc.act.ptr,
-                d,
-                t,
-                sc.sel.ptr,
-                sc.wsel.ptr,
-                sc.x.ptr,
-            )?;
         }
-        if let Some((first, count)) = lm {
-            let (nt, i) = Self::nt_index(count);
-            let extra = LinearExtra {
-                idx_out: sc.idx.ptr,
-                red_val: sc.red_val.ptr,
-                red_idx: sc.red_idx.ptr,
-                counter: sc.counters.at((MAXT * d.nkv + 1) * 4),
-                ..LinearExtra::default()
-            };
-            mark("k_linear lm_head+argmax")?;
-            k.linear(
-                s,
-                nt,
-                self.plan.linear_h[i],
-                &m.lm_head,
-                sc.x.at(first * d.h * 4),
-                d.h,
-                count,
-                m.norm,
-                d.eps,
-                sc.logits.ptr,
-                d.vocab,
-                F_NORM | F_ARGMAX,
-                &extra,
-            )?;
-        }
-        mark("end")?;
         Ok(())
     }
 

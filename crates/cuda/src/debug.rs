@@ -4,7 +4,7 @@
 use gptoss_engine::backend::BackendError;
 
 use crate::backend::CudaBackend;
-use crate::kernels::{F_NORM, F_RESID, F_TOPK, F_WRITE_NORMED, LayerDev, LinearExtra, MAXT};
+use crate::kernels::{LayerDev, MAXT};
 use crate::upload::RING_EXTRA;
 
 /// Every intermediate of one layer for `T` tokens.
@@ -97,7 +97,6 @@ impl CudaBackend {
             let (k, s, sc, m) = (&self.k, &self.gpu.stream, &self.scratch, &self.model);
             let (nt, i) = Self::nt_index(t);
             let ld = m.layer_dev.at(l * std::mem::size_of::<LayerDev>());
-            let lh = &m.layers[l];
             let get = |ptr: u64, n: usize| -> Result<Vec<f32>, String> {
                 let mut v = vec![0f32; n];
                 self.gpu.download(&mut v, ptr)?;
@@ -145,76 +144,24 @@ impl CudaBackend {
                 t,
             )?;
             tr.attn = get(sc.attn.ptr, t * d.q_dim)?;
-            let none = LinearExtra::default();
-            k.linear(
-                s,
-                nt,
-                self.plan.linear_q[i],
-                &lh.o,
-                sc.attn.ptr,
-                d.q_dim,
-                t,
-                0,
-                d.eps,
-                sc.x.ptr,
-                d.h,
-                F_RESID,
-                &none,
-            )?;
+            // The decode path's kernels for T = 1 (fused o_proj + router, k_moe_gu1/dn1), the
+            // chunk path's otherwise: the router does not change x, so x after both is x_attn.
+            self.record_oproj_router(t, l, sc.counters.at(MAXT * d.nkv * 4), &mut |_| Ok(()))?;
             tr.x_attn = get(sc.x.ptr, t * d.h)?;
-            let router = LinearExtra {
-                aux: sc.h.ptr,
-                counter: sc.counters.at(MAXT * d.nkv * 4),
-                topk: d.k as i32,
-                sel: sc.sel.ptr,
-                wsel: sc.wsel.ptr,
-                ..LinearExtra::default()
-            };
-            let flags = F_NORM | F_WRITE_NORMED | F_TOPK;
-            k.linear(
-                s,
-                nt,
-                self.plan.linear_h[i],
-                &lh.router,
-                sc.x.ptr,
-                d.h,
-                t,
-                lh.post_norm,
-                d.eps,
-                sc.rlog.ptr,
-                d.e,
-                flags,
-                &router,
-            )?;
             tr.router_logits = get(sc.rlog.ptr, t * d.e)?;
             tr.h = get(sc.h.ptr, t * d.h)?;
             tr.wsel = get(sc.wsel.ptr, t * d.k)?;
             tr.sel = vec![0i32; t * d.k];
             self.gpu.download(&mut tr.sel, sc.sel.ptr)?;
-            k.moe_gu(
-                s,
-                self.plan.moe_gu,
-                ld,
-                sc.sp.ptr,
-                sc.h.ptr,
-                &d,
-                t,
-                sc.sel.ptr,
-                sc.act.ptr,
-            )?;
-            tr.act = get(sc.act.ptr, t * d.k * d.inter)?;
-            k.moe_dn(
-                s,
-                self.plan.moe_dn,
-                ld,
-                sc.sp.ptr,
-                sc.act.ptr,
-                &d,
-                t,
-                sc.sel.ptr,
-                sc.wsel.ptr,
-                sc.x.ptr,
-            )?;
+            // act is read back between the experts' two kernels (at the mark of the second).
+            let mut act = Vec::new();
+            self.record_moe(t, l, &mut |name| {
+                if name.starts_with("k_moe_dn") {
+                    act = get(sc.act.ptr, t * d.k * d.inter)?;
+                }
+                Ok(())
+            })?;
+            tr.act = act;
             tr.x_out = get(sc.x.ptr, t * d.h)?;
             self.gpu.sync()?;
             Ok(tr)

@@ -242,10 +242,16 @@ impl Func {
 
     /// Resident blocks of 256 threads per SM with `smem` bytes of dynamic shared memory.
     pub fn occupancy(&self, smem: usize) -> Result<usize, String> {
+        self.occupancy_of(256, smem)
+    }
+
+    /// Resident blocks of `threads` threads per SM with `smem` bytes of dynamic shared memory.
+    pub fn occupancy_of(&self, threads: u32, smem: usize) -> Result<usize, String> {
         // SAFETY: valid function.
-        let n =
-            unsafe { result::occupancy::max_active_block_per_multiprocessor(self.0, 256, smem) }
-                .map_err(|e| cu_err("querying occupancy", e))?;
+        let n = unsafe {
+            result::occupancy::max_active_block_per_multiprocessor(self.0, threads as i32, smem)
+        }
+        .map_err(|e| cu_err("querying occupancy", e))?;
         Ok(n.max(1) as usize)
     }
 }
@@ -259,8 +265,20 @@ pub fn launch(
     stream: &Stream,
     args: &mut [*mut c_void],
 ) -> Result<(), String> {
+    launch_threads(f, grid, 256, smem, stream, args)
+}
+
+/// [`launch`] with blocks of `threads` threads.
+pub fn launch_threads(
+    f: Func,
+    grid: (u32, u32, u32),
+    threads: u32,
+    smem: usize,
+    stream: &Stream,
+    args: &mut [*mut c_void],
+) -> Result<(), String> {
     // SAFETY: the callers (kernels.rs) pass arguments matching the kernel signatures.
-    unsafe { result::launch_kernel(f.0, grid, (256, 1, 1), smem as u32, stream.0, args) }
+    unsafe { result::launch_kernel(f.0, grid, (threads, 1, 1), smem as u32, stream.0, args) }
         .map_err(|e| cu_err("launching a kernel", e))
 }
 

@@ -13,7 +13,7 @@
 
 use std::ffi::c_void;
 
-use crate::driver::{DevBuf, Func, Gpu, Module, Stream, launch};
+use crate::driver::{DevBuf, Func, Gpu, Module, Stream, launch, launch_threads};
 
 pub static GEMV_FATBIN: &[u8] = include_bytes!("../kernels/bin/gemv.fatbin");
 pub static ATTENTION_FATBIN: &[u8] = include_bytes!("../kernels/bin/attention.fatbin");
@@ -43,6 +43,16 @@ pub const MAX_GROUP: usize = 8;
 pub const SMAX: usize = 32;
 /// Floats per attention partial (max, sum, o[64]).
 pub const PART: usize = 66;
+/// Most blocks of `k_oproj_router` (the stride of its partials).
+pub const RP_MAXB: usize = 384;
+/// Most experts `k_oproj_router` handles.
+pub const RP_MAXE: usize = 128;
+/// Rows per tile of `k_moe_gu1` / `k_moe_dn1`.
+pub const RT_GU: usize = 8;
+pub const RT_DN: usize = 4;
+/// Most column segments (warps per row) of `k_moe_gu1`, and most warps of a `k_moe_dn1` block.
+pub const GU1_MAX_SEG: usize = 6;
+pub const DN1_MAX_WARPS: usize = 12;
 
 pub const K_BF16: i32 = 0;
 pub const K_F16: i32 = 1;
@@ -142,6 +152,12 @@ pub struct Kernels {
     qkv4: Func,
     moe_gu: Func,
     moe_dn: Func,
+    moe_gu1: Func,
+    moe_gu1r: Func,
+    moe_dn1: Func,
+    oproj_router: Func,
+    /// `k_moe_gu1r` (the 168-register build) instead of `k_moe_gu1`.
+    pub gu1_wide: bool,
     attn: Func,
     read_bw: Func,
     sm_count: usize,
@@ -209,6 +225,11 @@ impl Kernels {
             qkv4: gemv.function("k_qkv_4")?,
             moe_gu: gemv.function("k_moe_gu")?,
             moe_dn: gemv.function("k_moe_dn")?,
+            moe_gu1: gemv.function("k_moe_gu1")?,
+            moe_gu1r: gemv.function("k_moe_gu1r")?,
+            moe_dn1: gemv.function("k_moe_dn1")?,
+            oproj_router: gemv.function("k_oproj_router")?,
+            gu1_wide: std::env::var("GPTOSS_CUDA_GU1").is_ok_and(|v| v == "wide"),
             attn: attn.function("k_attn")?,
             read_bw: bw.function("k_read_bw")?,
             _modules: vec![gemv, attn, bw],
@@ -222,6 +243,7 @@ impl Kernels {
             (k.qkv4, plan.qkv[1]),
             (k.moe_gu, plan.moe_gu),
             (k.moe_dn, plan.moe_dn),
+            (k.oproj_router, plan.linear_q[0]),
         ] {
             f.set_max_dynamic_smem(s)?;
         }
@@ -408,6 +430,112 @@ impl Kernels {
         let (h, i, k) = (dims.h as i32, dims.inter as i32, dims.k as i32);
         let mut a = args!(layer_dev, sp, act, h, i, k, sel, wsel, x);
         launch(self.moe_dn, (grid, t as u32, 1), smem, s, &mut a)
+    }
+
+    /// Column segments (warps per row) of the decode MoE kernels for rows of `cols` 4-bit
+    /// elements: 16-byte chunks of 32 elements, at most 32 per segment.
+    pub fn segments(cols: usize) -> usize {
+        (cols / 32).div_ceil(32).max(1)
+    }
+
+    /// Decode (T = 1) gate_up + SwiGLU of the `dims.k` selected experts (gemv.cu `k_moe_gu1`;
+    /// every expert matrix 4-bit, see [`Kernels::moe1_supported`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_gu1(
+        &self,
+        s: &Stream,
+        layer_dev: u64,
+        h_buf: u64,
+        dims: &Dims,
+        sel: u64,
+        act: u64,
+    ) -> Result<(), String> {
+        let f = if self.gu1_wide {
+            self.moe_gu1r
+        } else {
+            self.moe_gu1
+        };
+        let seg = Self::segments(dims.h);
+        let groups = (GU1_MAX_SEG / seg).max(1);
+        let threads = (groups * seg * 32) as u32;
+        let tiles = dims.k * (2 * dims.inter / RT_GU);
+        let resident = self.sm_count * f.occupancy_of(threads, 0)?;
+        let grid = tiles.div_ceil(groups).min(resident).max(1) as u32;
+        let (h, i, k, segs, alpha, limit) = (
+            dims.h as i32,
+            dims.inter as i32,
+            dims.k as i32,
+            seg as i32,
+            dims.alpha,
+            dims.limit,
+        );
+        let mut a = args!(layer_dev, h_buf, h, i, k, segs, sel, act, alpha, limit);
+        launch_threads(f, (grid, 1, 1), threads, 0, s, &mut a)
+    }
+
+    /// Decode (T = 1) down projections + weighted sum + residual (gemv.cu `k_moe_dn1`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_dn1(
+        &self,
+        s: &Stream,
+        layer_dev: u64,
+        act: u64,
+        dims: &Dims,
+        sel: u64,
+        wsel: u64,
+        x: u64,
+    ) -> Result<(), String> {
+        let seg = Self::segments(dims.inter);
+        let threads = (dims.k * seg * 32) as u32;
+        let tiles = dims.h / RT_DN;
+        let resident = self.sm_count * self.moe_dn1.occupancy_of(threads, 0)?;
+        let grid = tiles.min(resident).max(1) as u32;
+        let (h, i, k, segs) = (dims.h as i32, dims.inter as i32, dims.k as i32, seg as i32);
+        let mut a = args!(layer_dev, act, h, i, k, segs, sel, wsel, x);
+        launch_threads(self.moe_dn1, (grid, 1, 1), threads, 0, s, &mut a)
+    }
+
+    /// Whether `k_moe_gu1` / `k_moe_dn1` handle this shape (the expert kinds are checked by
+    /// the caller: 4-bit only).
+    pub fn moe1_supported(dims: &Dims) -> bool {
+        Self::segments(dims.h) <= GU1_MAX_SEG
+            && dims.k * Self::segments(dims.inter) <= DN1_MAX_WARPS
+            && (2 * dims.inter).is_multiple_of(RT_GU)
+            && dims.h.is_multiple_of(RT_DN)
+    }
+
+    /// Decode (T = 1) o_proj + residual fused with RMSNorm + router + top-k (gemv.cu
+    /// `k_oproj_router`; bf16 router of at most [`RP_MAXE`] experts). `smem` = the plan's
+    /// `linear_q[0]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn oproj_router(
+        &self,
+        s: &Stream,
+        smem: usize,
+        layer_dev: u64,
+        attn: u64,
+        x: u64,
+        dims: &Dims,
+        h_buf: u64,
+        logits: u64,
+        rpart: u64,
+        counter: u64,
+        sel: u64,
+        wsel: u64,
+    ) -> Result<(), String> {
+        let resident = self.sm_count * self.oproj_router.occupancy(smem)?;
+        let grid = dims.h.div_ceil(8).min(resident).clamp(1, RP_MAXB) as u32;
+        let (h, qd, eps, e, topk) = (
+            dims.h as i32,
+            dims.q_dim as i32,
+            dims.eps,
+            dims.e as i32,
+            dims.k as i32,
+        );
+        let mut a = args!(
+            layer_dev, attn, x, h, qd, eps, h_buf, logits, rpart, counter, e, topk, sel, wsel
+        );
+        launch(self.oproj_router, (grid, 1, 1), smem, s, &mut a)
     }
 
     /// Reads `buf` once (`n16` 16-byte words) with `blocks` blocks.

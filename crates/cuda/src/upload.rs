@@ -257,6 +257,9 @@ pub struct DeviceModel {
     pub read: ReadBytes,
     /// Positions the RoPE tables cover.
     pub max_context: usize,
+    /// Every expert matrix of every layer is 4-bit (NF4 or MXFP4): the decode MoE kernels
+    /// `k_moe_gu1` / `k_moe_dn1` apply.
+    pub experts_4bit: bool,
     _buffers: Vec<DevBuf>,
 }
 
@@ -337,6 +340,7 @@ impl DeviceModel {
         buffers.push(gbuf);
 
         let mut layers = Vec::with_capacity(w.layers.len());
+        let mut experts_4bit = true;
         for (l, lw) in w.layers.iter().enumerate() {
             let mut a = Arena::default();
             let q = add_linear(&mut a, &lw.q)?;
@@ -353,6 +357,10 @@ impl DeviceModel {
                 gu.push(add_linear(&mut a, &ex.gate_up)?);
                 dn.push(add_linear(&mut a, &ex.down)?);
             }
+            experts_4bit &= gu
+                .iter()
+                .chain(&dn)
+                .all(|m| matches!(m.m.kind, K_NF4N | K_NF4F | K_MXFP4));
             read.attention_and_router += [&q, &k, &v, &o, &router]
                 .iter()
                 .map(|m| m.read_bytes as u64)
@@ -424,6 +432,7 @@ impl DeviceModel {
             weight_bytes,
             read,
             max_context,
+            experts_4bit,
             _buffers: buffers,
         })
     }
