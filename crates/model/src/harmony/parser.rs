@@ -153,12 +153,7 @@ impl StreamingParser {
                 tokenizer::MESSAGE => {
                     let text = self.decode_header(&tokens);
                     let header = parse_header(&text, role);
-                    events.push(ParserEvent::MessageStart {
-                        role: header.role.clone(),
-                        channel: header.channel.clone(),
-                        recipient: header.recipient.clone(),
-                        content_type: header.content_type.clone(),
-                    });
+                    events.push(message_start(&header));
                     State::Content {
                         header,
                         content: String::new(),
@@ -186,22 +181,8 @@ impl StreamingParser {
                         State::Header { role, tokens }
                     } else {
                         // Not a header after all: stream it as content from here on.
-                        let text = self.decode_header(&tokens);
                         // More text follows: keep trailing whitespace.
-                        let (header, content) = parse_headerless(&text, role, false);
-                        events.push(ParserEvent::MessageStart {
-                            role: header.role.clone(),
-                            channel: header.channel.clone(),
-                            recipient: header.recipient.clone(),
-                            content_type: header.content_type.clone(),
-                        });
-                        if !content.is_empty() {
-                            events.push(ParserEvent::ContentDelta {
-                                channel: header.channel.clone(),
-                                recipient: header.recipient.clone(),
-                                text: content.clone(),
-                            });
-                        }
+                        let (header, content) = self.start_headerless(role, &tokens, false, events);
                         State::Content {
                             header,
                             content,
@@ -367,14 +348,24 @@ impl StreamingParser {
         if tokens.is_empty() {
             return;
         }
+        let (header, content) = self.start_headerless(role, tokens, true, events);
+        let mut decoder = self.tokenizer.stream_decoder();
+        self.end_message(header, content, &mut decoder, events);
+    }
+
+    /// Starts a message from header tokens that are not followed by `<|message|>`: the header
+    /// and the content found in them ([`parse_headerless`]; `complete` when no text follows),
+    /// announced at once.
+    fn start_headerless(
+        &self,
+        role: Option<Role>,
+        tokens: &[u32],
+        complete: bool,
+        events: &mut Vec<ParserEvent>,
+    ) -> (Header, String) {
         let text = self.decode_header(tokens);
-        let (header, content) = parse_headerless(&text, role, true);
-        events.push(ParserEvent::MessageStart {
-            role: header.role.clone(),
-            channel: header.channel.clone(),
-            recipient: header.recipient.clone(),
-            content_type: header.content_type.clone(),
-        });
+        let (header, content) = parse_headerless(&text, role, complete);
+        events.push(message_start(&header));
         if !content.is_empty() {
             events.push(ParserEvent::ContentDelta {
                 channel: header.channel.clone(),
@@ -382,8 +373,7 @@ impl StreamingParser {
                 text: content.clone(),
             });
         }
-        let mut decoder = self.tokenizer.stream_decoder();
-        self.end_message(header, content, &mut decoder, events);
+        (header, content)
     }
 
     /// Header tokens as text, special tokens spelled out (`<|channel|>`), lossily.
@@ -451,6 +441,16 @@ fn parse_header(text: &str, role: Option<Role>) -> Header {
         channel,
         recipient,
         content_type,
+    }
+}
+
+/// The event announcing a message with `header`.
+fn message_start(header: &Header) -> ParserEvent {
+    ParserEvent::MessageStart {
+        role: header.role.clone(),
+        channel: header.channel.clone(),
+        recipient: header.recipient.clone(),
+        content_type: header.content_type.clone(),
     }
 }
 
