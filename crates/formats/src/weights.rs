@@ -699,44 +699,36 @@ impl<'a> Mapper<'a> {
         let t = self.take(name)?;
         let expected = [e_count, cols, rows];
         let per = rows * cols;
-        if let Some((tensor, shape)) = self.bnb4(&t)? {
-            if shape != expected {
-                self.check_json_shape(&t, &shape, &expected);
-                return None;
-            }
-            return Some(
-                (0..e_count)
-                    .map(|e| Matrix {
-                        name: format!("{name}[{e}]"),
-                        rows,
-                        cols,
-                        orientation: Orientation::InOut,
-                        data: MatrixData::Bnb4 {
-                            tensor,
-                            elem_offset: e * per,
-                        },
-                    })
-                    .collect(),
-            );
-        }
-        if !(self.check_float(&t) & self.check_shape(&t, &expected)) {
-            return None;
-        }
-        let sz = t.dtype.size() * per;
-        Some(
+        // Expert e's matrix over `data(e)`.
+        let experts = |data: &dyn Fn(usize) -> MatrixData<'a>| {
             (0..e_count)
                 .map(|e| Matrix {
                     name: format!("{name}[{e}]"),
                     rows,
                     cols,
                     orientation: Orientation::InOut,
-                    data: MatrixData::Dense {
-                        dtype: t.dtype,
-                        bytes: &t.bytes[e * sz..(e + 1) * sz],
-                    },
+                    data: data(e),
                 })
-                .collect(),
-        )
+                .collect()
+        };
+        if let Some((tensor, shape)) = self.bnb4(&t)? {
+            if shape != expected {
+                self.check_json_shape(&t, &shape, &expected);
+                return None;
+            }
+            return Some(experts(&|e| MatrixData::Bnb4 {
+                tensor,
+                elem_offset: e * per,
+            }));
+        }
+        if !(self.check_float(&t) & self.check_shape(&t, &expected)) {
+            return None;
+        }
+        let sz = t.dtype.size() * per;
+        Some(experts(&|e| MatrixData::Dense {
+            dtype: t.dtype,
+            bytes: &t.bytes[e * sz..(e + 1) * sz],
+        }))
     }
 
     /// Per-expert slices of a `[E, n]` bias.

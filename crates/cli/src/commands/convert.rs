@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use gptoss_formats::convert::{ConvertTarget, convert};
-use gptoss_formats::writer::WriteOptions;
 use gptoss_formats::{Checkpoint, hub};
 
 /// Flags of `convert`.
@@ -34,12 +33,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     };
     let src = Checkpoint::open(&hub::resolve_model(&a.src)?)?;
     let bar = super::bytes_bar(src.total_bytes(), "convert");
-    let b = bar.clone();
-    let opts = WriteOptions {
-        max_shard_bytes: (a.max_shard_gb * 1e9) as u64,
-        progress: Some(Box::new(move |n| b.set_position(n))),
-        ..WriteOptions::default()
-    };
+    let opts = super::write_options(&bar, a.max_shard_gb);
     let start = std::time::Instant::now();
     let summary = convert(&src, target, &a.out, opts)?;
     bar.finish_and_clear();

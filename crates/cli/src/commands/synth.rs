@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use gptoss_formats::synth::{self, Preset, SynthLayout};
-use gptoss_formats::writer::WriteOptions;
 
 /// Flags of `synth`.
 #[derive(clap::Args)]
@@ -50,12 +49,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         );
     };
     let bar = super::bytes_bar(synth::estimated_bytes(preset, layout), "synth");
-    let b = bar.clone();
-    let opts = WriteOptions {
-        max_shard_bytes: (a.max_shard_gb * 1e9) as u64,
-        progress: Some(Box::new(move |n| b.set_position(n))),
-        ..WriteOptions::default()
-    };
+    let opts = super::write_options(&bar, a.max_shard_gb);
     let start = std::time::Instant::now();
     let summary = synth::synth(preset, layout, a.seed, &a.out, opts)?;
     bar.finish_and_clear();
