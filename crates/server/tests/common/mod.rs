@@ -167,6 +167,16 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// The status and the JSON body (the text as a JSON string if it is not JSON).
+async fn status_and_json(r: reqwest::Response) -> (u16, Value) {
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
 /// POSTs JSON; returns the status and the JSON body.
 pub async fn post(url: &str, path: &str, body: &Value) -> (u16, Value) {
     let r = client()
@@ -175,12 +185,7 @@ pub async fn post(url: &str, path: &str, body: &Value) -> (u16, Value) {
         .send()
         .await
         .unwrap();
-    let status = r.status().as_u16();
-    let text = r.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    status_and_json(r).await
 }
 
 /// POSTs raw bytes as JSON; returns the status and body.
@@ -192,12 +197,7 @@ pub async fn post_raw(url: &str, path: &str, body: impl Into<reqwest::Body>) -> 
         .send()
         .await
         .unwrap();
-    let status = r.status().as_u16();
-    let text = r.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    status_and_json(r).await
 }
 
 pub async fn get(url: &str, path: &str) -> (u16, String) {
