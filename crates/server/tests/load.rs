@@ -60,6 +60,21 @@ async fn read_stream(
     (chunks, false, first_text, error)
 }
 
+/// Sends a streamed chat completion of `body` and reads the stream ([`read_stream`]).
+async fn chat_stream(
+    url: &str,
+    body: Value,
+    stop_after: Option<usize>,
+) -> (usize, bool, Option<Duration>, Option<String>) {
+    let r = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    read_stream(r, stop_after, Instant::now()).await
+}
+
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -234,22 +249,20 @@ async fn client_disconnect_mid_stream_frees_blocks_and_others_continue() {
     let bystander = tokio::spawn({
         let url = url.clone();
         async move {
-            let r = client()
-                .post(format!("{url}/v1/chat/completions"))
-                .json(&json!({"messages": [{"role": "user", "content": "Hi"}], "stream": true}))
-                .send()
-                .await
-                .unwrap();
-            read_stream(r, None, Instant::now()).await
+            chat_stream(
+                &url,
+                json!({"messages": [{"role": "user", "content": "Hi"}], "stream": true}),
+                None,
+            )
+            .await
         }
     });
-    let r = client()
-        .post(format!("{url}/v1/chat/completions"))
-        .json(&json!({"messages": [{"role": "user", "content": "LONG please"}], "stream": true}))
-        .send()
-        .await
-        .unwrap();
-    let (chunks, done, _, _) = read_stream(r, Some(10), Instant::now()).await;
+    let (chunks, done, _, _) = chat_stream(
+        &url,
+        json!({"messages": [{"role": "user", "content": "LONG please"}], "stream": true}),
+        Some(10),
+    )
+    .await;
     assert_eq!(chunks, 10);
     assert!(!done);
     // The stream is dropped: the engine cancels it and frees its blocks long before the 600
@@ -309,13 +322,13 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     let inflight = tokio::spawn({
         let url = url.clone();
         async move {
-            let r = client()
-                .post(format!("{url}/v1/chat/completions"))
-                .json(&json!({"messages": [{"role": "user", "content": "LONG"}], "max_tokens": 60, "stream": true}))
-                .send()
-                .await
-                .unwrap();
-            read_stream(r, None, Instant::now()).await
+            chat_stream(
+                &url,
+                json!({"messages": [{"role": "user", "content": "LONG"}],
+                       "max_tokens": 60, "stream": true}),
+                None,
+            )
+            .await
         }
     });
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -360,13 +373,12 @@ async fn shutdown_grace_expiry_ends_long_streams_cleanly() {
     let inflight = tokio::spawn({
         let url = url.clone();
         async move {
-            let r = client()
-                .post(format!("{url}/v1/chat/completions"))
-                .json(&json!({"messages": [{"role": "user", "content": "LONG"}], "stream": true}))
-                .send()
-                .await
-                .unwrap();
-            read_stream(r, None, Instant::now()).await
+            chat_stream(
+                &url,
+                json!({"messages": [{"role": "user", "content": "LONG"}], "stream": true}),
+                None,
+            )
+            .await
         }
     });
     tokio::time::sleep(Duration::from_millis(150)).await;
