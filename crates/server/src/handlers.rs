@@ -563,6 +563,14 @@ impl ChunkHead {
         }
         sse::data_frame(&v)
     }
+
+    /// The end of a stream that completed: a last chunk with the usage (if asked for), `[DONE]`.
+    fn finish(&self, usage: UsageInfo, out: &mut Vec<axum::body::Bytes>) {
+        if self.include_usage {
+            out.push(self.frame(Vec::new(), Some(usage)));
+        }
+        out.push(sse::done_frame());
+    }
 }
 
 struct ChatStream {
@@ -649,10 +657,7 @@ impl StreamConverter for ChatStream {
                 false
             }
             RequestEvent::Done { usage } => {
-                if self.head.include_usage {
-                    out.push(self.head.frame(Vec::new(), Some(usage.into())));
-                }
-                out.push(sse::done_frame());
+                self.head.finish(usage.into(), out);
                 true
             }
             RequestEvent::Error { message } => {
@@ -960,10 +965,7 @@ impl StreamConverter for CompletionStream {
                 if self.remaining > 0 {
                     return false;
                 }
-                if self.head.include_usage {
-                    out.push(self.head.frame(Vec::new(), Some(self.usage)));
-                }
-                out.push(sse::done_frame());
+                self.head.finish(self.usage, out);
                 true
             }
             RequestEvent::Error { message } => {
