@@ -14,6 +14,9 @@
 //! - History fixtures `test-data/test_dropping_cot_by_default`, `test_does_not_drop_if_ongoing_analysis`
 //!   and `test_multi_turn_auto_drop_analysis` (adapted to the 0.0.8 header order, see below).
 
+mod common;
+
+use common::{SPEC_COMPLETION_TOKENS, SPEC_PROMPT, SPEC_PROMPT_TOKENS};
 use gptoss_model::harmony::{
     self, Conversation, DeveloperContent, HarmonyEncoding, HarmonyError, Message, ParserEvent,
     ReasoningEffort, RenderOptions, Role, StopReason, StreamingParser, SystemContent,
@@ -21,19 +24,6 @@ use gptoss_model::harmony::{
 };
 use gptoss_model::tokenizer::{self, Tokenizer};
 use serde_json::json;
-
-const SPEC_TEXT: &str = "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2024-06\nCurrent date: 2025-08-05\n\nReasoning: low\n\n# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|><|start|>developer<|message|># Instructions\n\nAnswer briefly.<|end|><|start|>user<|message|>What is 2+2?<|end|><|start|>assistant";
-const SPEC_TOKENS: [u32; 84] = [
-    200006, 17360, 200008, 3575, 553, 17554, 162016, 11, 261, 4410, 6439, 2359, 22203, 656, 7788,
-    17527, 558, 87447, 100594, 25, 220, 1323, 19, 12, 3218, 198, 6576, 3521, 25, 220, 1323, 20, 12,
-    3062, 12, 2922, 279, 30377, 289, 25, 4465, 279, 2, 13888, 18403, 25, 8450, 11, 49159, 11, 1721,
-    13, 21030, 2804, 413, 7360, 395, 1753, 3176, 13, 200007, 200006, 77944, 200008, 2, 68406, 279,
-    17045, 51088, 13, 200007, 200006, 1428, 200008, 4827, 382, 220, 17, 10, 17, 30, 200007, 200006,
-    173781,
-];
-const SPEC_COMPLETION: [u32; 13] = [
-    200005, 35644, 200008, 17958, 13, 200007, 200006, 173781, 200005, 17196, 200008, 19, 200002,
-];
 
 fn enc() -> HarmonyEncoding {
     HarmonyEncoding::embedded().unwrap()
@@ -108,8 +98,8 @@ fn spec_prompt_is_token_exact() {
     let tokens = enc()
         .render_conversation_for_completion(&conversation, &Role::Assistant)
         .unwrap();
-    assert_eq!(tokens, SPEC_TOKENS);
-    assert_eq!(text_of(&conversation), SPEC_TEXT);
+    assert_eq!(tokens, SPEC_PROMPT_TOKENS);
+    assert_eq!(text_of(&conversation), SPEC_PROMPT);
 }
 
 #[test]
@@ -121,13 +111,13 @@ fn spec_prompt_is_token_exact_with_tokenizer_json_source_too() {
     let tokens = enc
         .render_conversation_for_completion(&spec_conversation(), &Role::Assistant)
         .unwrap();
-    assert_eq!(tokens, SPEC_TOKENS);
+    assert_eq!(tokens, SPEC_PROMPT_TOKENS);
 }
 
 #[test]
 fn spec_completion_parses_into_two_messages() {
     let enc = enc();
-    let messages = enc.parse_completion(&SPEC_COMPLETION);
+    let messages = enc.parse_completion(&SPEC_COMPLETION_TOKENS);
     assert_eq!(
         messages,
         vec![
@@ -144,7 +134,7 @@ fn spec_completion_parses_into_two_messages() {
     );
 
     let mut parser = enc.parser_for_completion();
-    let events = stream(&mut parser, &SPEC_COMPLETION);
+    let events = stream(&mut parser, &SPEC_COMPLETION_TOKENS);
     let start = |channel: &str| ParserEvent::MessageStart {
         role: Role::Assistant,
         channel: Some(channel.into()),
@@ -185,7 +175,7 @@ fn parser_tracks_the_current_message() {
     let enc = enc();
     let mut parser = enc.parser_for_completion();
     assert_eq!(parser.current_role(), Some(&Role::Assistant));
-    for &t in &SPEC_COMPLETION[..4] {
+    for &t in &SPEC_COMPLETION_TOKENS[..4] {
         parser.push(t);
     }
     assert_eq!(parser.current_channel(), Some("analysis"));
@@ -672,7 +662,7 @@ fn returned_answer_is_stored_with_end() {
     let mut convo = spec_conversation();
     convo
         .messages
-        .extend(enc.parse_completion(&SPEC_COMPLETION));
+        .extend(enc.parse_completion(&SPEC_COMPLETION_TOKENS));
     let tokens = enc
         .render_conversation(&convo, &RenderOptions::default())
         .unwrap();
