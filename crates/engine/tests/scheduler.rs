@@ -7,7 +7,9 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use gptoss_engine::backend::{Backend, BackendError, Logits, SeqId, StepBatch};
+use gptoss_engine::backend::{
+    Backend, BackendError, Logits, SeqId, StepBatch, check_start_positions,
+};
 use gptoss_engine::cpu::CpuBackend;
 use gptoss_engine::engine::{Engine, EngineConfig, EngineHandle};
 use gptoss_engine::kv_blocks::{KvCacheConfig, KvLayout};
@@ -401,15 +403,8 @@ impl Backend for Scripted {
         &self.cfg
     }
     fn forward(&mut self, batch: &StepBatch) -> Result<Logits, BackendError> {
+        check_start_positions(batch, |seq| self.seqs.get(&seq).copied().unwrap_or(0))?;
         for s in &batch.steps {
-            let have = self.seqs.get(&s.seq).copied().unwrap_or(0);
-            if have != s.start_pos {
-                return Err(BackendError::PositionMismatch {
-                    seq: s.seq,
-                    start_pos: s.start_pos,
-                    cached: have,
-                });
-            }
             if s.tokens.contains(&self.poison) {
                 return Err(BackendError::InvalidInput("poisoned".into()));
             }
