@@ -83,6 +83,39 @@ __device__ void warp_topk(const float* logits, int n, int k, int* sel, float* ws
     }
 }
 
+// warp_topk over logits in shared memory (or any memory this block wrote before a barrier).
+__device__ void warp_topk_local(const float* logits, int n, int k, int* sel, float* wsel) {
+    int lane = threadIdx.x & 31;
+    float vals[MAXK];
+    int idxs[MAXK];
+    for (int kk = 0; kk < k; kk++) {
+        float best = -INFINITY;
+        int bi = 0x7fffffff;
+        for (int e = lane; e < n; e += 32) {
+            bool taken = false;
+            for (int p = 0; p < kk; p++) taken |= (idxs[p] == e);
+            float v = logits[e];
+            if (!taken && (v > best || (v == best && e < bi))) { best = v; bi = e; }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, best, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+        }
+        vals[kk] = best;
+        idxs[kk] = bi;
+    }
+    if (lane == 0) {
+        float m = -INFINITY;
+        for (int kk = 0; kk < k; kk++) m = fmaxf(m, vals[kk]);
+        float ex[MAXK];
+        float sum = 0.f;
+        for (int kk = 0; kk < k; kk++) { ex[kk] = expf(vals[kk] - m); sum += ex[kk]; }
+        for (int kk = 0; kk < k; kk++) { sel[kk] = idxs[kk]; wsel[kk] = ex[kk] / sum; }
+    }
+}
+
 template <int NT, int UD>
 __device__ void linear_body(QMat m, const float* x, int ld_in, int T, const float* norm_w, float eps,
                             float* out, int ld_out, int flags, float* aux, int* idx_out, float* red_val,
@@ -417,6 +450,13 @@ extern "C" __global__ void __launch_bounds__(256, 3) k_moe_dn(const LayerDev* L,
 #define RP_MAXB 384  // most blocks of k_oproj_router
 #define RP_MAXE 128  // most experts of k_oproj_router
 
+// Address of the scale data of chunk c (32 elements) of row r of a 4-bit matrix.
+__device__ __forceinline__ const unsigned char* q4_scale_ptr(const QMat& m, int r, int c, int nch) {
+    if (m.kind == K_MXFP4) return m.s + (size_t)r * nch + c;
+    const size_t k = (size_t)r * (nch >> 1) + (c >> 1);
+    return m.kind == K_NF4N ? m.s + k : m.s + 4 * k;
+}
+
 // Raw scale data of one chunk (loads issued early, decoded after the weights arrive).
 struct SRaw {
     unsigned a;
@@ -425,18 +465,16 @@ struct SRaw {
 
 __device__ __forceinline__ SRaw q4_scale_load(const QMat& m, int r, int c, int nch) {
     SRaw s;
+    const unsigned char* p = q4_scale_ptr(m, r, c, nch);
     if (m.kind == K_MXFP4) {
-        s.a = __ldg(m.s + (size_t)r * nch + c);
+        s.a = __ldg(p);
         s.b = 0.f;
+    } else if (m.kind == K_NF4N) {
+        s.a = __ldg(p);
+        s.b = __ldg(m.nabs + (((size_t)r * (nch >> 1) + (c >> 1)) >> m.nbs_shift));
     } else {
-        const size_t k = (size_t)r * (nch >> 1) + (c >> 1);
-        if (m.kind == K_NF4N) {
-            s.a = __ldg(m.s + k);
-            s.b = __ldg(m.nabs + (k >> m.nbs_shift));
-        } else {
-            s.a = 0;
-            s.b = __ldg(reinterpret_cast<const float*>(m.s) + k);
-        }
+        s.a = 0;
+        s.b = __ldg(reinterpret_cast<const float*>(p));
     }
     return s;
 }
@@ -448,18 +486,22 @@ __device__ __forceinline__ float q4_scale_fin(const QMat& m, const float* ncode_
     return s.b;
 }
 
-// Dot of one 16-byte chunk of 4-bit codes (32 elements) with 32 activations in registers;
-// lb = the 16-entry value table (shared memory) as bytes. MX: element 2j in the low nibble.
+// Dot of one 16-byte chunk of 4-bit codes (32 elements) with 32 activations in registers.
+// luts: the value tables of up to 4 matrices (static shared memory, 16 f32 each); bx = the byte
+// offset of this matrix's table (64 k) replicated in all 4 bytes, OR-ed into the 4 packed byte
+// offsets (4 * nibble < 64) so that every lookup is one PRMT + one LDS [reg + static offset].
+// MX: element 2j in the low nibble.
 template <bool MX>
-__device__ __forceinline__ float chunk_dot(const uint4 v, const float (&x)[32], const char* lb) {
+__device__ __forceinline__ float chunk_dot(const uint4 v, const float (&x)[32], const float* luts, unsigned bx) {
+    const char* lb = reinterpret_cast<const char*>(luts);
     float a = 0.f;
 #pragma unroll
     for (int q = 0; q < 4; q++) {
         const unsigned w = q == 0 ? v.x : (q == 1 ? v.y : (q == 2 ? v.z : v.w));
-        const unsigned hi = (w >> 2) & 0x3c3c3c3cu, lo = (w << 2) & 0x3c3c3c3cu;
+        const unsigned hi = ((w >> 2) & 0x3c3c3c3cu) | bx, lo = ((w << 2) & 0x3c3c3c3cu) | bx;
         const unsigned f = MX ? lo : hi, s2 = MX ? hi : lo;
-        a = fmaf(*reinterpret_cast<const float*>(lb + (f & 0xffu)), x[8 * q + 0], a);
-        a = fmaf(*reinterpret_cast<const float*>(lb + (s2 & 0xffu)), x[8 * q + 1], a);
+        a = fmaf(*reinterpret_cast<const float*>(lb + __byte_perm(f, 0u, 0x4440)), x[8 * q + 0], a);
+        a = fmaf(*reinterpret_cast<const float*>(lb + __byte_perm(s2, 0u, 0x4440)), x[8 * q + 1], a);
         a = fmaf(*reinterpret_cast<const float*>(lb + __byte_perm(f, 0u, 0x4441)), x[8 * q + 2], a);
         a = fmaf(*reinterpret_cast<const float*>(lb + __byte_perm(s2, 0u, 0x4441)), x[8 * q + 3], a);
         a = fmaf(*reinterpret_cast<const float*>(lb + __byte_perm(f, 0u, 0x4442)), x[8 * q + 4], a);
@@ -491,11 +533,11 @@ __device__ __forceinline__ float xreduce(float (&v)[R], int lane) {
     return r;
 }
 
-// One tile: rows r0..r0+R-1 of m, this lane's chunk c (act_l: the lane owns a chunk).
-// Returns the warp-reduced sum of row lane / (32 / R).
+// One tile: rows r0..r0+R-1 of m (matrix k of the block's tables), this lane's chunk c (act_l:
+// the lane owns a chunk). Returns the warp-reduced sum of row lane / (32 / R).
 template <int R>
-__device__ __forceinline__ float q4_tile(const QMat& m, const float* ncode_s, const float* lut, int r0, int c,
-                                         int nch, bool act_l, const float (&xr)[32], int lane) {
+__device__ __forceinline__ float q4_tile(const QMat& m, const float* ncode_s, const float* luts, int k, int r0,
+                                         int c, int nch, bool act_l, const float (&xr)[32], int lane) {
     const size_t rb = (size_t)(nch << 4);
     uint4 w[R];
     SRaw sr[R];
@@ -510,14 +552,14 @@ __device__ __forceinline__ float q4_tile(const QMat& m, const float* ncode_s, co
             sr[i].b = 0.f;
         }
     }
-    const char* lb = reinterpret_cast<const char*>(lut);
+    const unsigned bx = 0x40404040u * (unsigned)k;
     float rp[R];
     if (m.kind == K_MXFP4) {
 #pragma unroll
-        for (int i = 0; i < R; i++) rp[i] = chunk_dot<true>(w[i], xr, lb) * q4_scale_fin(m, ncode_s, sr[i]);
+        for (int i = 0; i < R; i++) rp[i] = chunk_dot<true>(w[i], xr, luts, bx) * q4_scale_fin(m, ncode_s, sr[i]);
     } else {
 #pragma unroll
-        for (int i = 0; i < R; i++) rp[i] = chunk_dot<false>(w[i], xr, lb) * q4_scale_fin(m, ncode_s, sr[i]);
+        for (int i = 0; i < R; i++) rp[i] = chunk_dot<false>(w[i], xr, luts, bx) * q4_scale_fin(m, ncode_s, sr[i]);
     }
     if (!act_l) {
 #pragma unroll
@@ -526,9 +568,13 @@ __device__ __forceinline__ float q4_tile(const QMat& m, const float* ncode_s, co
     return xreduce<R>(rp, lane);
 }
 
+// L2 prefetch of this lane's chunk (and its scale) of rows r0..r0+R-1.
 __device__ __forceinline__ void q4_prefetch_tile(const QMat& m, int r0, int R, int c, int nch) {
     const size_t rb = (size_t)(nch << 4);
-    for (int i = 0; i < R; i++) pf_l2(m.w + (size_t)(r0 + i) * rb + ((size_t)c << 4));
+    for (int i = 0; i < R; i++) {
+        pf_l2(m.w + (size_t)(r0 + i) * rb + ((size_t)c << 4));
+        if ((c & 1) == 0 || m.kind == K_MXFP4) pf_l2(q4_scale_ptr(m, r0 + i, c, nch));
+    }
 }
 
 // The K matrices' value tables and nested codes into shared memory (no barrier).
@@ -556,12 +602,16 @@ __device__ __forceinline__ void load_chunk_x(float (&xr)[32], const float* v, in
     }
 }
 
+// The per-tile segment sums go through a double-buffered shared array, so one barrier per tile
+// suffices (a buffer is rewritten only after the next barrier, which its readers pass after
+// reading); the finishing threads load their biases (and x) before the tile's dot products.
+template <int RT>
 __device__ __forceinline__ void moe_gu1_body(const LayerDev* L, const float* h, int H, int I, int K, int S,
                                              const int* sel, float* act, float alpha, float limit) {
     __shared__ QMat mats[MAXK];
     __shared__ float luts[MAXK * 16];
     __shared__ float ncs[MAXK * 256];
-    __shared__ float part[32 * RT_GU];
+    __shared__ float part[2][32 * RT];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int G = (blockDim.x >> 5) / S;
     const int g = warp / S, s = warp - g * S;
@@ -569,14 +619,14 @@ __device__ __forceinline__ void moe_gu1_body(const LayerDev* L, const float* h, 
     __syncthreads();
     const int nch = H >> 5, seg = (nch + S - 1) / S, c = s * seg + lane;
     const bool act_l = lane < seg && c < nch && g < G;
-    const int tpe = (2 * I) / RT_GU, ntiles = K * tpe;
+    const int tpe = (2 * I) / RT, ntiles = K * tpe;
     const int stride = gridDim.x * G;
     if (act_l) {
         for (int q = 0; q < 2; q++) {
             const int tile = blockIdx.x * G + g + q * stride;
             if (tile < ntiles) {
                 const int k = tile / tpe;
-                q4_prefetch_tile(mats[k], (tile - k * tpe) * RT_GU, RT_GU, c, nch);
+                q4_prefetch_tile(mats[k], (tile - k * tpe) * RT, RT, c, nch);
             }
         }
     }
@@ -584,60 +634,68 @@ __device__ __forceinline__ void moe_gu1_body(const LayerDev* L, const float* h, 
     float xr[32];
     load_chunk_x(xr, h, c, act_l);
     __syncthreads();
-    for (int base = blockIdx.x * G; base < ntiles; base += stride) {
+    int par = 0;
+    for (int base = blockIdx.x * G; base < ntiles; base += stride, par ^= 1) {
+        // Finishing thread tid < G*RT/2: pair p of the tile of group gg.
+        const bool fin = tid < G * (RT / 2);
+        const int gg = tid / (RT / 2), p = tid - gg * (RT / 2), tf = base + gg;
+        float bg = 0.f, bu = 0.f;
+        int fk = 0, fr = 0;
+        if (fin && tf < ntiles) {
+            fk = tf / tpe;
+            fr = (tf - fk * tpe) * RT + 2 * p;
+            const float* b = mats[fk].bias;
+            if (b) {
+                bg = b[fr];
+                bu = b[fr + 1];
+            }
+        }
         const int tile = base + g;
         if (g < G && tile < ntiles) {
-            const int k = tile / tpe, r0 = (tile - k * tpe) * RT_GU;
+            const int k = tile / tpe, r0 = (tile - k * tpe) * RT;
             const QMat& m = mats[k];
             if (act_l && tile + 2 * stride < ntiles) {
                 const int t2 = tile + 2 * stride, k2 = t2 / tpe;
-                q4_prefetch_tile(mats[k2], (t2 - k2 * tpe) * RT_GU, RT_GU, c, nch);
+                q4_prefetch_tile(mats[k2], (t2 - k2 * tpe) * RT, RT, c, nch);
             }
-            const float v = q4_tile<RT_GU>(m, ncs + 256 * k, luts + 16 * k, r0, c, nch, act_l, xr, lane);
-            if ((lane & (32 / RT_GU - 1)) == 0) part[warp * RT_GU + lane / (32 / RT_GU)] = v;
+            const float v = q4_tile<RT>(m, ncs + 256 * k, luts, k, r0, c, nch, act_l, xr, lane);
+            if ((lane & (32 / RT - 1)) == 0) part[par][warp * RT + lane / (32 / RT)] = v;
         }
         __syncthreads();
-        if (tid < G * (RT_GU / 2)) {
-            const int gg = tid / (RT_GU / 2), p = tid - gg * (RT_GU / 2), t2 = base + gg;
-            if (t2 < ntiles) {
-                const int k2 = t2 / tpe, r = (t2 - k2 * tpe) * RT_GU + 2 * p;
-                float gate = 0.f, up = 0.f;
-                for (int s2 = 0; s2 < S; s2++) {
-                    gate += part[(gg * S + s2) * RT_GU + 2 * p];
-                    up += part[(gg * S + s2) * RT_GU + 2 * p + 1];
-                }
-                const float* b = mats[k2].bias;
-                if (b) {
-                    gate += b[r];
-                    up += b[r + 1];
-                }
-                act[(size_t)k2 * I + (r >> 1)] = clamped_swiglu(gate, up, alpha, limit);
+        if (fin && tf < ntiles) {
+            float gate = bg, up = bu;
+            float sg = 0.f, su = 0.f;
+            for (int s2 = 0; s2 < S; s2++) {
+                sg += part[par][(gg * S + s2) * RT + 2 * p];
+                su += part[par][(gg * S + s2) * RT + 2 * p + 1];
             }
+            gate = sg + gate;
+            up = su + up;
+            act[(size_t)fk * I + (fr >> 1)] = clamped_swiglu(gate, up, alpha, limit);
         }
-        __syncthreads();
     }
 }
 
-// Two register budgets of the same kernel: <= 112 registers (3 blocks of 6 warps per SM) and
-// <= 168 (2 blocks).
+// Two tile heights: 8 rows (<= 112 registers, 3 blocks of 6 warps per SM) and 4 rows.
 extern "C" __global__ void __launch_bounds__(192, 3) k_moe_gu1(const LayerDev* L, const float* h, int H, int I, int K,
                                                                int S, const int* sel, float* act, float alpha,
                                                                float limit) {
-    moe_gu1_body(L, h, H, I, K, S, sel, act, alpha, limit);
+    moe_gu1_body<8>(L, h, H, I, K, S, sel, act, alpha, limit);
 }
-extern "C" __global__ void __launch_bounds__(192, 2) k_moe_gu1r(const LayerDev* L, const float* h, int H, int I, int K,
-                                                                int S, const int* sel, float* act, float alpha,
-                                                                float limit) {
-    moe_gu1_body(L, h, H, I, K, S, sel, act, alpha, limit);
+extern "C" __global__ void __launch_bounds__(192, 4) k_moe_gu1_rt4(const LayerDev* L, const float* h, int H, int I,
+                                                                   int K, int S, const int* sel, float* act,
+                                                                   float alpha, float limit) {
+    moe_gu1_body<4>(L, h, H, I, K, S, sel, act, alpha, limit);
 }
 
-extern "C" __global__ void __launch_bounds__(384) k_moe_dn1(const LayerDev* L, const float* act, int H, int I, int K,
-                                                            int S, const int* sel, const float* wsel, float* x) {
+template <int RT>
+__device__ __forceinline__ void moe_dn1_body(const LayerDev* L, const float* act, int H, int I, int K, int S,
+                                             const int* sel, const float* wsel, float* x) {
     __shared__ QMat mats[MAXK];
     __shared__ float luts[MAXK * 16];
     __shared__ float ncs[MAXK * 256];
     __shared__ float wk[MAXK];
-    __shared__ float part[32 * RT_DN];
+    __shared__ float part[2][32 * RT];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int k = warp / S, s = warp - k * S;
     if (tid < K) {
@@ -647,38 +705,60 @@ extern "C" __global__ void __launch_bounds__(384) k_moe_dn1(const LayerDev* L, c
     __syncthreads();
     const int nch = I >> 5, seg = (nch + S - 1) / S, c = s * seg + lane;
     const bool act_l = lane < seg && c < nch && k < K;
-    const int ntiles = H / RT_DN, stride = gridDim.x;
+    const int ntiles = H / RT, stride = gridDim.x;
     if (act_l) {
         for (int q = 0; q < 2; q++) {
             const int tile = blockIdx.x + q * stride;
-            if (tile < ntiles) q4_prefetch_tile(mats[k], tile * RT_DN, RT_DN, c, nch);
+            if (tile < ntiles) q4_prefetch_tile(mats[k], tile * RT, RT, c, nch);
         }
     }
     q4_tables(mats, K, luts, ncs);
     float xr[32];
     load_chunk_x(xr, act + (size_t)(k < K ? k : 0) * I, c, act_l);
     __syncthreads();
-    for (int tile = blockIdx.x; tile < ntiles; tile += stride) {
+    int par = 0;
+    for (int tile = blockIdx.x; tile < ntiles; tile += stride, par ^= 1) {
+        // Finishing thread tid < RT: row tile*RT + tid; its biases and x loaded first.
+        float bk[MAXK], xo = 0.f;
+        const int r = tile * RT + tid;
+        if (tid < RT) {
+#pragma unroll
+            for (int kk = 0; kk < MAXK; kk++) {
+                const float* b = kk < K ? mats[kk].bias : nullptr;
+                bk[kk] = b ? b[r] : 0.f;
+            }
+            xo = x[r];
+        }
         if (k < K) {
             const QMat& m = mats[k];
-            if (act_l && tile + 2 * stride < ntiles) q4_prefetch_tile(m, (tile + 2 * stride) * RT_DN, RT_DN, c, nch);
-            const float v = q4_tile<RT_DN>(m, ncs + 256 * k, luts + 16 * k, tile * RT_DN, c, nch, act_l, xr, lane);
-            if ((lane & (32 / RT_DN - 1)) == 0) part[warp * RT_DN + lane / (32 / RT_DN)] = v;
+            if (act_l && tile + 2 * stride < ntiles) q4_prefetch_tile(m, (tile + 2 * stride) * RT, RT, c, nch);
+            const float v = q4_tile<RT>(m, ncs + 256 * k, luts, k, tile * RT, c, nch, act_l, xr, lane);
+            if ((lane & (32 / RT - 1)) == 0) part[par][warp * RT + lane / (32 / RT)] = v;
         }
         __syncthreads();
-        if (tid < RT_DN) {
-            const int r = tile * RT_DN + tid;
+        if (tid < RT) {
             float total = 0.f;
-            for (int kk = 0; kk < K; kk++) {
-                float y = 0.f;
-                for (int s2 = 0; s2 < S; s2++) y += part[(kk * S + s2) * RT_DN + tid];
-                const float* b = mats[kk].bias;
-                total += wk[kk] * (y + (b ? b[r] : 0.f));
+#pragma unroll
+            for (int kk = 0; kk < MAXK; kk++) {
+                if (kk < K) {
+                    float y = 0.f;
+                    for (int s2 = 0; s2 < S; s2++) y += part[par][(kk * S + s2) * RT + tid];
+                    total += wk[kk] * (y + bk[kk]);
+                }
             }
-            x[r] += total;
+            x[r] = xo + total;
         }
-        __syncthreads();
     }
+}
+
+extern "C" __global__ void __launch_bounds__(384, 2) k_moe_dn1(const LayerDev* L, const float* act, int H, int I, int K,
+                                                               int S, const int* sel, const float* wsel, float* x) {
+    moe_dn1_body<4>(L, act, H, I, K, S, sel, wsel, x);
+}
+extern "C" __global__ void __launch_bounds__(384, 2) k_moe_dn1_rt2(const LayerDev* L, const float* act, int H, int I,
+                                                                   int K, int S, const int* sel, const float* wsel,
+                                                                   float* x) {
+    moe_dn1_body<2>(L, act, H, I, K, S, sel, wsel, x);
 }
 
 extern "C" __global__ void __launch_bounds__(256) k_oproj_router(const LayerDev* L, const float* a, float* x, int H,
@@ -752,13 +832,14 @@ extern "C" __global__ void __launch_bounds__(256) k_oproj_router(const LayerDev*
     __syncthreads();
     if (!last_s) return;
     __threadfence();
-    // Sum the blocks' partials: warp w takes values i = w, w+8, ... (4 at a time, every load in
+    const float rbias = (threadIdx.x < E && mr.bias) ? mr.bias[threadIdx.x] : 0.f;  // E <= blockDim
+    // Sum the blocks' partials: warp w takes values i = w, w+8, ... (5 at a time, every load in
     // flight), lane l blocks l, l+32, ..., then a butterfly: a fixed order.
     const int nb = gridDim.x;
-    for (int i0 = warp; i0 < E1; i0 += WARPS * 4) {
-        float v[4][RP_MAXB / 32];
+    for (int i0 = warp; i0 < E1; i0 += WARPS * 5) {
+        float v[5][RP_MAXB / 32];
 #pragma unroll
-        for (int ii = 0; ii < 4; ii++) {
+        for (int ii = 0; ii < 5; ii++) {
             const int i = i0 + WARPS * ii;
 #pragma unroll
             for (int u = 0; u < RP_MAXB / 32; u++) {
@@ -767,7 +848,7 @@ extern "C" __global__ void __launch_bounds__(256) k_oproj_router(const LayerDev*
             }
         }
 #pragma unroll
-        for (int ii = 0; ii < 4; ii++) {
+        for (int ii = 0; ii < 5; ii++) {
             float sum = 0.f;
 #pragma unroll
             for (int u = 0; u < RP_MAXB / 32; u++) sum += v[ii][u];
@@ -778,16 +859,23 @@ extern "C" __global__ void __launch_bounds__(256) k_oproj_router(const LayerDev*
     }
     __syncthreads();
     const float inv = 1.0f / sqrtf(lg[E] / (float)H + eps);
-    for (int i = threadIdx.x; i < E; i += blockDim.x) logits[i] = lg[i] * inv + (mr.bias ? mr.bias[i] : 0.f);
-    const float4* x4 = reinterpret_cast<const float4*>(x);
-    const float4* g4 = reinterpret_cast<const float4*>(g);
-    float4* h4 = reinterpret_cast<float4*>(h);
-    for (int i = threadIdx.x; i < (H >> 2); i += blockDim.x) {
-        const float4 v = __ldcg(x4 + i), gv = g4[i];
-        h4[i] = make_float4(gv.x * (v.x * inv), gv.y * (v.y * inv), gv.z * (v.z * inv), gv.w * (v.w * inv));
+    __syncthreads();  // every thread has read lg[E]
+    if (threadIdx.x < E) {
+        const float v = lg[threadIdx.x] * inv + rbias;
+        lg[threadIdx.x] = v;
+        logits[threadIdx.x] = v;
     }
-    __threadfence();  // the logits in L2 before warp 0 reads them with __ldcg
     __syncthreads();
-    if (warp == 0) warp_topk(logits, E, topk, sel, wsel);
+    if (warp == 0) {
+        warp_topk_local(lg, E, topk, sel, wsel);
+    } else {
+        const float4* x4 = reinterpret_cast<const float4*>(x);
+        const float4* g4 = reinterpret_cast<const float4*>(g);
+        float4* h4 = reinterpret_cast<float4*>(h);
+        for (int i = threadIdx.x - 32; i < (H >> 2); i += blockDim.x - 32) {
+            const float4 v = __ldcg(x4 + i), gv = g4[i];
+            h4[i] = make_float4(gv.x * (v.x * inv), gv.y * (v.y * inv), gv.z * (v.z * inv), gv.w * (v.w * inv));
+        }
+    }
     if (threadIdx.x == 0) *counter = 0;
 }

@@ -153,11 +153,14 @@ pub struct Kernels {
     moe_gu: Func,
     moe_dn: Func,
     moe_gu1: Func,
-    moe_gu1r: Func,
+    moe_gu1_rt4: Func,
     moe_dn1: Func,
+    moe_dn1_rt2: Func,
     oproj_router: Func,
-    /// `k_moe_gu1r` (the 168-register build) instead of `k_moe_gu1`.
-    pub gu1_wide: bool,
+    /// Rows per tile of the decode MoE kernels in use (`GPTOSS_CUDA_GU1=rt4`,
+    /// `GPTOSS_CUDA_DN1=rt2` pick the other builds).
+    pub rt_gu: usize,
+    pub rt_dn: usize,
     attn: Func,
     read_bw: Func,
     sm_count: usize,
@@ -226,10 +229,20 @@ impl Kernels {
             moe_gu: gemv.function("k_moe_gu")?,
             moe_dn: gemv.function("k_moe_dn")?,
             moe_gu1: gemv.function("k_moe_gu1")?,
-            moe_gu1r: gemv.function("k_moe_gu1r")?,
+            moe_gu1_rt4: gemv.function("k_moe_gu1_rt4")?,
             moe_dn1: gemv.function("k_moe_dn1")?,
+            moe_dn1_rt2: gemv.function("k_moe_dn1_rt2")?,
             oproj_router: gemv.function("k_oproj_router")?,
-            gu1_wide: std::env::var("GPTOSS_CUDA_GU1").is_ok_and(|v| v == "wide"),
+            rt_gu: if std::env::var("GPTOSS_CUDA_GU1").is_ok_and(|v| v == "rt4") {
+                4
+            } else {
+                RT_GU
+            },
+            rt_dn: if std::env::var("GPTOSS_CUDA_DN1").is_ok_and(|v| v == "rt2") {
+                2
+            } else {
+                RT_DN
+            },
             attn: attn.function("k_attn")?,
             read_bw: bw.function("k_read_bw")?,
             _modules: vec![gemv, attn, bw],
@@ -450,15 +463,15 @@ impl Kernels {
         sel: u64,
         act: u64,
     ) -> Result<(), String> {
-        let f = if self.gu1_wide {
-            self.moe_gu1r
-        } else {
+        let f = if self.rt_gu == RT_GU {
             self.moe_gu1
+        } else {
+            self.moe_gu1_rt4
         };
         let seg = Self::segments(dims.h);
         let groups = (GU1_MAX_SEG / seg).max(1);
         let threads = (groups * seg * 32) as u32;
-        let tiles = dims.k * (2 * dims.inter / RT_GU);
+        let tiles = dims.k * (2 * dims.inter / self.rt_gu);
         let resident = self.sm_count * f.occupancy_of(threads, 0)?;
         let grid = tiles.div_ceil(groups).min(resident).max(1) as u32;
         let (h, i, k, segs, alpha, limit) = (
@@ -487,12 +500,17 @@ impl Kernels {
     ) -> Result<(), String> {
         let seg = Self::segments(dims.inter);
         let threads = (dims.k * seg * 32) as u32;
-        let tiles = dims.h / RT_DN;
-        let resident = self.sm_count * self.moe_dn1.occupancy_of(threads, 0)?;
+        let f = if self.rt_dn == RT_DN {
+            self.moe_dn1
+        } else {
+            self.moe_dn1_rt2
+        };
+        let tiles = dims.h / self.rt_dn;
+        let resident = self.sm_count * f.occupancy_of(threads, 0)?;
         let grid = tiles.min(resident).max(1) as u32;
         let (h, i, k, segs) = (dims.h as i32, dims.inter as i32, dims.k as i32, seg as i32);
         let mut a = args!(layer_dev, act, h, i, k, segs, sel, wsel, x);
-        launch_threads(self.moe_dn1, (grid, 1, 1), threads, 0, s, &mut a)
+        launch_threads(f, (grid, 1, 1), threads, 0, s, &mut a)
     }
 
     /// Whether `k_moe_gu1` / `k_moe_dn1` handle this shape (the expert kinds are checked by
