@@ -431,12 +431,18 @@ extern "C" __global__ void __launch_bounds__(256, 3) k_moe_dn(const LayerDev* L,
 // for all RT rows). The S segment sums of a row meet in shared memory and are added in segment
 // order: deterministic.
 //
-// k_moe_gu1  grid (gx), block S*G warps (G row groups, S <= 6). Tiles of RT_GU rows of the K
+// Measured (bench/CUDA.md, v6): k_oproj_router is used for every single-token step; k_moe_gu1 /
+// k_moe_dn1 are correct but slower than k_moe_gu / k_moe_dn and only run with GPTOSS_CUDA_MOE1=1.
+//
+// k_moe_gu1  grid (gx), block S*G warps (G row groups, S <= 6). Tiles of RT rows (8, or 4 in
+//            k_moe_gu1_rt4, the default of the launcher) of the K
 //            selected experts' gate_up (tile = (k, rows)); act[k, i] = SwiGLU(gate 2i, up 2i+1).
-// k_moe_dn1  grid (gx), block K*S warps (warp = (expert k, segment s)). Tiles of RT_DN rows of
+// k_moe_dn1  grid (gx), block K*S warps (warp = (expert k, segment s)). Tiles of 4 rows (2 in
+//            k_moe_dn1_rt2) of
 //            the K experts' down: x[r] += sum_k wsel[k] * (down_k[r,:] . act[k,:] + b_k[r]),
 //            summed in k order.
-// k_oproj_router  grid (gx <= RP_MAXB), block 256, dyn smem = padded(QD)*4 + 512.
+// k_oproj_router  grid (gx <= RP_MAXB), block 256 (<= 80 registers: 3 blocks per SM, so the
+//            grid covers the 2880 rows in one round), dyn smem = padded(QD)*4 + 512.
 //            x[r] += o[r,:] . attn + b_o[r] (one row per warp unit, as k_linear), and, as each
 //            x[r] is produced, lane e of its warp adds router[e, r] * (post_norm[r] * x[r]) to
 //            its partial logit of expert e (+32, +64, +96) and x[r]^2 to the sum of squares.
@@ -761,7 +767,7 @@ extern "C" __global__ void __launch_bounds__(384, 2) k_moe_dn1_rt2(const LayerDe
     moe_dn1_body<2>(L, act, H, I, K, S, sel, wsel, x);
 }
 
-extern "C" __global__ void __launch_bounds__(256) k_oproj_router(const LayerDev* L, const float* a, float* x, int H,
+extern "C" __global__ void __launch_bounds__(256, 3) k_oproj_router(const LayerDev* L, const float* a, float* x, int H,
                                                                  int QD, float eps, float* h, float* logits,
                                                                  float* rpart, unsigned* counter, int E, int topk,
                                                                  int* sel, float* wsel) {

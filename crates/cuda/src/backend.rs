@@ -189,8 +189,9 @@ impl CudaBackend {
         let model = DeviceModel::upload(&gpu, w, max_context).map_err(failed)?;
         let scratch = Scratch::new(&gpu, &dims).map_err(failed)?;
         gpu.sync().map_err(failed)?;
-        // GPTOSS_CUDA_V5=1 (or the two finer switches) runs the v5 kernels instead, for A/B
-        // measurements in one binary.
+        // GPTOSS_CUDA_V5=1 (or GPTOSS_CUDA_NO_FUSED_ROUTER=1) runs the v5 kernels instead, for
+        // A/B measurements in one binary. GPTOSS_CUDA_MOE1=1 opts in to k_moe_gu1 / k_moe_dn1,
+        // which are correct but measured slower than k_moe_gu / k_moe_dn (bench/CUDA.md, v6).
         let env = |n: &str| std::env::var(n).is_ok_and(|v| !v.is_empty() && v != "0");
         let v5 = env("GPTOSS_CUDA_V5");
         let fused_router = !v5
@@ -203,10 +204,8 @@ impl CudaBackend {
                     && l.router.rows as usize == dims.e
                     && l.o.rows as usize == dims.h
             });
-        let moe1 = !v5
-            && !env("GPTOSS_CUDA_NO_MOE1")
-            && model.experts_4bit
-            && Kernels::moe1_supported(&dims);
+        let moe1 =
+            !v5 && env("GPTOSS_CUDA_MOE1") && model.experts_4bit && Kernels::moe1_supported(&dims);
         let load = LoadReport {
             seconds: start.elapsed().as_secs_f64(),
             weight_bytes: model.weight_bytes,

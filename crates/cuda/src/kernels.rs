@@ -157,7 +157,7 @@ pub struct Kernels {
     moe_dn1: Func,
     moe_dn1_rt2: Func,
     oproj_router: Func,
-    /// Rows per tile of the decode MoE kernels in use (`GPTOSS_CUDA_GU1=rt4`,
+    /// Rows per tile of the decode MoE kernels in use (4 and 4; `GPTOSS_CUDA_GU1=rt8`,
     /// `GPTOSS_CUDA_DN1=rt2` pick the other builds).
     pub rt_gu: usize,
     pub rt_dn: usize,
@@ -233,10 +233,10 @@ impl Kernels {
             moe_dn1: gemv.function("k_moe_dn1")?,
             moe_dn1_rt2: gemv.function("k_moe_dn1_rt2")?,
             oproj_router: gemv.function("k_oproj_router")?,
-            rt_gu: if std::env::var("GPTOSS_CUDA_GU1").is_ok_and(|v| v == "rt4") {
-                4
-            } else {
+            rt_gu: if std::env::var("GPTOSS_CUDA_GU1").is_ok_and(|v| v == "rt8") {
                 RT_GU
+            } else {
+                4
             },
             rt_dn: if std::env::var("GPTOSS_CUDA_DN1").is_ok_and(|v| v == "rt2") {
                 2
