@@ -46,6 +46,8 @@ pub struct BackendOptions {
     pub max_context: Option<usize>,
     /// Run CUDA decode steps launch by launch instead of replaying a CUDA graph.
     pub enforce_eager: bool,
+    /// Shards for tensor/expert parallelism (`-tp N`); 0 or 1 = one device.
+    pub tensor_parallel_size: usize,
 }
 
 /// Opens the backend for `device`: `cuda` fails clearly without a usable GPU; `auto` takes the
@@ -55,6 +57,18 @@ pub fn open_backend(
     device: Device,
     opts: BackendOptions,
 ) -> anyhow::Result<Box<dyn Backend>> {
+    if opts.tensor_parallel_size > 1 {
+        return match device {
+            Device::Cpu => Ok(Box::new(gptoss_engine::parallel::ShardedCpuBackend::open(
+                dir,
+                opts.tensor_parallel_size,
+            )?)),
+            _ => bail!(
+                "--tensor-parallel-size {} is implemented on the CPU backend only so far (--device cpu); the NCCL multi-GPU backend is not built yet",
+                opts.tensor_parallel_size
+            ),
+        };
+    }
     let cuda = || -> anyhow::Result<Box<dyn Backend>> {
         let mut o = gptoss_cuda::CudaOptions {
             enforce_eager: opts.enforce_eager,

@@ -218,3 +218,50 @@ fn chat_runs_turns_from_stdin_until_exit() {
         "two replies expected: {err}"
     );
 }
+
+#[test]
+fn logits_with_two_shards_match_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |tp: &str| {
+        let out_file = tmp.path().join(format!("tp{tp}.safetensors"));
+        let out = gptoss()
+            .arg("logits")
+            .arg(repo("fixtures/tiny-unsloth-nf4"))
+            .args(["--tokens", "5,17,300,4,4,9,1000,2", "--tp", tp, "--out"])
+            .arg(&out_file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tp {tp}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bytes = std::fs::read(&out_file).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        read_f32(&st, "logits")
+    };
+    let (one, two) = (run("1"), run("2"));
+    let max_ref = one.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let max_diff = one
+        .iter()
+        .zip(&two)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(
+        max_diff / max_ref <= 1e-5,
+        "tp 2 vs 1: relative error {}",
+        max_diff / max_ref
+    );
+    // 3 shards cannot split 2 kv heads: a clear error, not a panic
+    let out = gptoss()
+        .arg("logits")
+        .arg(repo("fixtures/tiny-unsloth-nf4"))
+        .args(["--tokens", "1,2", "--tp", "3", "--out"])
+        .arg(tmp.path().join("tp3.safetensors"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("num_key_value_heads"),
+        "{err}"
+    );
+}

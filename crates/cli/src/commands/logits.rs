@@ -22,12 +22,27 @@ pub struct Args {
     pub out: PathBuf,
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
+    /// Split the model over N shards (tensor/expert parallel; CPU backend only so far).
+    #[arg(
+        long = "tensor-parallel-size",
+        short = 't',
+        visible_alias = "tp",
+        default_value_t = 1
+    )]
+    pub tensor_parallel_size: usize,
 }
 
 /// Runs one forward over the tokens and writes the logits.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let dir = resolve_model_or_demo(a.model.as_deref())?;
-    let mut backend = open_backend(&dir, a.device, BackendOptions::default())?;
+    let mut backend = open_backend(
+        &dir,
+        a.device,
+        BackendOptions {
+            tensor_parallel_size: a.tensor_parallel_size,
+            ..BackendOptions::default()
+        },
+    )?;
     let vocab = backend.config().vocab_size;
     let step = SeqStep {
         seq: 0,

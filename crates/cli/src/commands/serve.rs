@@ -65,6 +65,15 @@ pub struct Args {
     /// Disable CUDA graphs (CUDA; accepted and ignored on the CPU).
     #[arg(long)]
     pub enforce_eager: bool,
+    /// Split the model over N shards (attention heads, experts and vocabulary; vLLM's flag).
+    /// CPU backend only so far.
+    #[arg(
+        long = "tensor-parallel-size",
+        short = 't',
+        visible_alias = "tp",
+        default_value_t = 1
+    )]
+    pub tensor_parallel_size: usize,
     /// Largest request body in MiB.
     #[arg(long, default_value_t = 16)]
     pub max_body_mb: usize,
@@ -105,6 +114,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         BackendOptions {
             max_context: a.max_model_len,
             enforce_eager: a.enforce_eager,
+            tensor_parallel_size: a.tensor_parallel_size,
         },
     )?;
     if a.enforce_eager && backend.name() != "cuda" {
