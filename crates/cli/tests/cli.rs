@@ -22,6 +22,35 @@ fn read_f32(st: &safetensors::SafeTensors<'_>, name: &str) -> Vec<f32> {
         .collect()
 }
 
+/// Runs `gptoss logits` on a model directory; the logits (row-major [T, vocab]) or the stderr.
+fn run_logits(model: &Path, tokens: &str, extra: &[&str], out: &Path) -> Result<Vec<f32>, String> {
+    let res = gptoss()
+        .arg("logits")
+        .arg(model)
+        .args(["--tokens", tokens, "--out"])
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap();
+    if !res.status.success() {
+        return Err(String::from_utf8_lossy(&res.stderr).into_owned());
+    }
+    let bytes = std::fs::read(out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    Ok(read_f32(&st, "logits"))
+}
+
+fn demo_env(cmd: &mut Command, cache: &Path) {
+    cmd.env("GPTOSS_CACHE", cache).env("NO_COLOR", "1");
+}
+
+/// max |a - b| / max |b|.
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let max_ref = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / max_ref
+}
+
 #[test]
 fn inspect_reports_layout_as_json_and_fails_on_broken_checkpoints() {
     let out = gptoss()
@@ -77,39 +106,17 @@ fn logits_match_transformers_for_every_layout() {
             .map(|b| i64::from_le_bytes(b.try_into().unwrap()).to_string())
             .collect();
         let out_file = tmp.path().join(format!("{layout}.safetensors"));
-        let out = gptoss()
-            .arg("logits")
-            .arg(repo(&format!("fixtures/{layout}")))
-            .arg("--tokens")
-            .arg(tokens.join(","))
-            .arg("--out")
-            .arg(&out_file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{layout}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let got = std::fs::read(&out_file).unwrap();
-        let got = safetensors::SafeTensors::deserialize(&got).unwrap();
-        assert_eq!(got.tensor("logits").unwrap().shape(), &[tokens.len(), 1024]);
-        let (a, b) = (read_f32(&got, "logits"), read_f32(&refs, "logits_2"));
-        let max_ref = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let max_diff = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(
-            max_diff / max_ref <= 1e-4,
-            "{layout}: relative error {}",
-            max_diff / max_ref
-        );
+        let got = run_logits(
+            &repo(&format!("fixtures/{layout}")),
+            &tokens.join(","),
+            &[],
+            &out_file,
+        )
+        .unwrap_or_else(|e| panic!("{layout}: {e}"));
+        assert_eq!(got.len(), tokens.len() * 1024);
+        let rel = max_rel(&got, &read_f32(&refs, "logits_2"));
+        assert!(rel <= 1e-4, "{layout}: relative error {rel}");
     }
-}
-
-fn demo_env(cmd: &mut Command, cache: &Path) {
-    cmd.env("GPTOSS_CACHE", cache).env("NO_COLOR", "1");
 }
 
 #[test]
@@ -222,46 +229,21 @@ fn chat_runs_turns_from_stdin_until_exit() {
 #[test]
 fn logits_with_two_shards_match_one() {
     let tmp = tempfile::tempdir().unwrap();
+    let model = repo("fixtures/tiny-unsloth-nf4");
     let run = |tp: &str| {
-        let out_file = tmp.path().join(format!("tp{tp}.safetensors"));
-        let out = gptoss()
-            .arg("logits")
-            .arg(repo("fixtures/tiny-unsloth-nf4"))
-            .args(["--tokens", "5,17,300,4,4,9,1000,2", "--tp", tp, "--out"])
-            .arg(&out_file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "tp {tp}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let bytes = std::fs::read(&out_file).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        read_f32(&st, "logits")
+        let out = tmp.path().join(format!("tp{tp}.safetensors"));
+        run_logits(&model, "5,17,300,4,4,9,1000,2", &["--tp", tp], &out)
+            .unwrap_or_else(|e| panic!("tp {tp}: {e}"))
     };
-    let (one, two) = (run("1"), run("2"));
-    let max_ref = one.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let max_diff = one
-        .iter()
-        .zip(&two)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    assert!(
-        max_diff / max_ref <= 1e-5,
-        "tp 2 vs 1: relative error {}",
-        max_diff / max_ref
-    );
+    let rel = max_rel(&run("2"), &run("1"));
+    assert!(rel <= 1e-5, "tp 2 vs 1: relative error {rel}");
     // 3 shards cannot split 2 kv heads: a clear error, not a panic
-    let out = gptoss()
-        .arg("logits")
-        .arg(repo("fixtures/tiny-unsloth-nf4"))
-        .args(["--tokens", "1,2", "--tp", "3", "--out"])
-        .arg(tmp.path().join("tp3.safetensors"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("num_key_value_heads"),
-        "{err}"
-    );
+    let err = run_logits(
+        &model,
+        "1,2",
+        &["--tp", "3"],
+        &tmp.path().join("tp3.safetensors"),
+    )
+    .unwrap_err();
+    assert!(err.contains("num_key_value_heads"), "{err}");
 }
