@@ -126,6 +126,14 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// GPT-OSS's clamped SwiGLU: gate clamped above at limit, up to [-limit, limit], (up + 1) * glu.
+__device__ __forceinline__ float clamped_swiglu(float g, float u, float alpha, float limit) {
+    g = fminf(g, limit);
+    u = fminf(fmaxf(u, -limit), limit);
+    float glu = g / (1.0f + expf(-alpha * g));
+    return (u + 1.0f) * glu;
+}
+
 __constant__ float FP4_VALUES[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
                                      -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 

@@ -315,13 +315,6 @@ extern "C" __global__ void __launch_bounds__(256) k_qkv_4(const LayerDev* L, con
     qkv_body<4>(L, sp, layer, x, H, nh, nkv, eps, qout, cos_tab, sin_tab, kvf32);
 }
 
-__device__ __forceinline__ float clamped_swiglu(float g, float u, float alpha, float limit) {
-    g = fminf(g, limit);
-    u = fminf(fmaxf(u, -limit), limit);
-    float glu = g / (1.0f + expf(-alpha * g));
-    return (u + 1.0f) * glu;
-}
-
 // Units of k_moe_gu: rows (2i, 2i+1) = (gate_i, up_i) -> act[j, i].
 extern "C" __global__ void __launch_bounds__(256, 3) k_moe_gu(const LayerDev* L, const StepParams* sp, const float* h, int H,
                                          int I, int K, const int* sel, float* act, float alpha, float limit) {

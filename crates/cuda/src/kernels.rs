@@ -18,13 +18,15 @@ use crate::driver::{DevBuf, Func, Gpu, Module, Stream, launch, launch_threads};
 pub static GEMV_FATBIN: &[u8] = include_bytes!("../kernels/bin/gemv.fatbin");
 pub static ATTENTION_FATBIN: &[u8] = include_bytes!("../kernels/bin/attention.fatbin");
 pub static BANDWIDTH_FATBIN: &[u8] = include_bytes!("../kernels/bin/bandwidth.fatbin");
+pub static MOE_MMA_FATBIN: &[u8] = include_bytes!("../kernels/bin/moe_mma.fatbin");
 
 /// The kernel sources, for the freshness check.
-pub const KERNEL_SOURCES: [(&str, &str); 4] = [
+pub const KERNEL_SOURCES: [(&str, &str); 5] = [
     ("common.cuh", include_str!("../kernels/common.cuh")),
     ("gemv.cu", include_str!("../kernels/gemv.cu")),
     ("attention.cu", include_str!("../kernels/attention.cu")),
     ("bandwidth.cu", include_str!("../kernels/bandwidth.cu")),
+    ("moe_mma.cu", include_str!("../kernels/moe_mma.cu")),
 ];
 /// `sha256sum` of the sources when the fatbins were built.
 pub const KERNEL_SOURCES_SHA256: &str = include_str!("../kernels/SOURCES.sha256");
@@ -47,6 +49,13 @@ pub const PART: usize = 66;
 pub const RP_MAXB: usize = 384;
 /// Most experts `k_oproj_router` handles.
 pub const RP_MAXE: usize = 128;
+/// Shared memory of the moe_mma.cu kernels before their activations: the 64 KB 4-bit table,
+/// the nested code (1 KB) and the partial sums (1 KB).
+pub const MMA_SMEM_BASE: usize = 65536 + 2048;
+/// Default column splits (warps per 16-row tile) of `k_moe_gu_mma` (1, 2, 4 or 8) and
+/// `k_moe_dn_mma` (K * splits <= 8 warps: blocks of at most 256 threads).
+pub const MMA_KS_GU: usize = 1;
+pub const MMA_KS_DN: usize = 2;
 /// Rows per tile of `k_moe_gu1` / `k_moe_dn1`.
 pub const RT_GU: usize = 8;
 pub const RT_DN: usize = 4;
@@ -157,6 +166,11 @@ pub struct Kernels {
     moe_dn1: Func,
     moe_dn1_rt2: Func,
     oproj_router: Func,
+    moe_gu_mma: Func,
+    moe_dn_mma: Func,
+    /// Column splits (warps per 16-row tile) of `k_moe_gu_mma` / `k_moe_dn_mma`
+    /// (`GPTOSS_CUDA_MMA_KS=gu,dn` overrides the defaults, for tuning).
+    pub mma_ks: (usize, usize),
     /// Rows per tile of the decode MoE kernels in use (4 and 4; `GPTOSS_CUDA_GU1=rt8`,
     /// `GPTOSS_CUDA_DN1=rt2` pick the other builds).
     pub rt_gu: usize,
@@ -174,6 +188,8 @@ pub struct SmemPlan {
     pub qkv: [usize; 2],
     pub moe_gu: usize,
     pub moe_dn: usize,
+    pub moe_gu_mma: usize,
+    pub moe_dn_mma: usize,
 }
 
 impl SmemPlan {
@@ -188,6 +204,9 @@ impl SmemPlan {
             ],
             moe_gu: padded_len(h) * 4 + 2048,
             moe_dn: k * padded_len(inter) * 4 + k * 2048,
+            // moe_mma.cu: 64 KB table + nested code + partial sums (+ x_hi, x_lo for gate_up).
+            moe_gu_mma: MMA_SMEM_BASE + 2 * (h + 8) * 2,
+            moe_dn_mma: MMA_SMEM_BASE,
         }
     }
 
@@ -198,6 +217,8 @@ impl SmemPlan {
             self.qkv[1],
             self.moe_gu,
             self.moe_dn,
+            self.moe_gu_mma,
+            self.moe_dn_mma,
         ]
         .into_iter()
         .max()
@@ -220,6 +241,17 @@ impl Kernels {
         let gemv = gpu.load_module(GEMV_FATBIN)?;
         let attn = gpu.load_module(ATTENTION_FATBIN)?;
         let bw = gpu.load_module(BANDWIDTH_FATBIN)?;
+        let mma = gpu.load_module(MOE_MMA_FATBIN)?;
+        // GPTOSS_CUDA_MMA_REGS=255: the one-block-per-SM builds of the tensor-core expert kernels.
+        let mma_regs = std::env::var("GPTOSS_CUDA_MMA_REGS").is_ok_and(|v| v == "255");
+        let mma_ks = std::env::var("GPTOSS_CUDA_MMA_KS")
+            .ok()
+            .and_then(|v| {
+                let (a, b) = v.split_once(',')?;
+                Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+            })
+            .filter(|&(a, b): &(usize, usize)| [1, 2, 4, 8].contains(&a) && (1..=2).contains(&b))
+            .unwrap_or((MMA_KS_GU, MMA_KS_DN));
         let k = Kernels {
             embed: gemv.function("k_embed")?,
             linear1: gemv.function("k_linear_1")?,
@@ -233,6 +265,9 @@ impl Kernels {
             moe_dn1: gemv.function("k_moe_dn1")?,
             moe_dn1_rt2: gemv.function("k_moe_dn1_rt2")?,
             oproj_router: gemv.function("k_oproj_router")?,
+            moe_gu_mma: mma.function(if mma_regs { "k_moe_gu_mma_r" } else { "k_moe_gu_mma" })?,
+            moe_dn_mma: mma.function(if mma_regs { "k_moe_dn_mma_r" } else { "k_moe_dn_mma" })?,
+            mma_ks,
             rt_gu: if std::env::var("GPTOSS_CUDA_GU1").is_ok_and(|v| v == "rt8") {
                 RT_GU
             } else {
@@ -245,7 +280,7 @@ impl Kernels {
             },
             attn: attn.function("k_attn")?,
             read_bw: bw.function("k_read_bw")?,
-            _modules: vec![gemv, attn, bw],
+            _modules: vec![gemv, attn, bw, mma],
             sm_count: gpu.info.sm_count,
         };
         let lin_max = plan.linear_h[1].max(plan.linear_q[1]);
@@ -257,6 +292,8 @@ impl Kernels {
             (k.moe_gu, plan.moe_gu),
             (k.moe_dn, plan.moe_dn),
             (k.oproj_router, plan.linear_q[0]),
+            (k.moe_gu_mma, plan.moe_gu_mma),
+            (k.moe_dn_mma, plan.moe_dn_mma),
         ] {
             f.set_max_dynamic_smem(s)?;
         }
@@ -520,6 +557,71 @@ impl Kernels {
             && dims.k * Self::segments(dims.inter) <= DN1_MAX_WARPS
             && (2 * dims.inter).is_multiple_of(RT_GU)
             && dims.h.is_multiple_of(RT_DN)
+    }
+
+    /// Whether `k_moe_gu_mma` / `k_moe_dn_mma` handle this shape (the caller checks that every
+    /// expert matrix is bnb 4-bit with one shared code): 16-row tiles, whole 64-blocks, at most
+    /// 8 warps per down block.
+    pub fn moe_mma_supported(&self, dims: &Dims) -> bool {
+        dims.h.is_multiple_of(64)
+            && dims.h <= 16 * 256
+            && dims.inter.is_multiple_of(64)
+            && (1..=MAXK).contains(&dims.k)
+            && dims.k * self.mma_ks.1 <= 8
+    }
+
+    /// Decode (T = 1) gate_up + SwiGLU of the `dims.k` selected experts on the tensor cores
+    /// (moe_mma.cu `k_moe_gu_mma`); writes `act_hl` = u16 `[k][2][inter]` (bf16 hi, lo).
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_gu_mma(
+        &self,
+        s: &Stream,
+        smem: usize,
+        layer_dev: u64,
+        h_buf: u64,
+        dims: &Dims,
+        sel: u64,
+        act_hl: u64,
+    ) -> Result<(), String> {
+        let ks = self.mma_ks.0;
+        let tiles_per_block = 8 / ks;
+        let units = dims.k * (2 * dims.inter / 16).div_ceil(tiles_per_block);
+        let resident = self.sm_count * self.moe_gu_mma.occupancy_of(256, smem)?;
+        let grid = units.min(resident).max(1) as u32;
+        let (h, i, k, ks, alpha, limit) = (
+            dims.h as i32,
+            dims.inter as i32,
+            dims.k as i32,
+            ks as i32,
+            dims.alpha,
+            dims.limit,
+        );
+        let mut a = args!(layer_dev, h_buf, h, i, k, ks, sel, act_hl, alpha, limit);
+        launch_threads(self.moe_gu_mma, (grid, 1, 1), 256, smem, s, &mut a)
+    }
+
+    /// Decode (T = 1) down projections + weighted sum + residual on the tensor cores
+    /// (moe_mma.cu `k_moe_dn_mma`), reading `act_hl` from [`Self::moe_gu_mma`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_dn_mma(
+        &self,
+        s: &Stream,
+        smem: usize,
+        layer_dev: u64,
+        act_hl: u64,
+        dims: &Dims,
+        sel: u64,
+        wsel: u64,
+        x: u64,
+    ) -> Result<(), String> {
+        let ks = self.mma_ks.1;
+        let threads = (dims.k * ks * 32) as u32;
+        let tiles = dims.h / 16;
+        let resident = self.sm_count * self.moe_dn_mma.occupancy_of(threads, smem)?;
+        let grid = tiles.min(resident).max(1) as u32;
+        let (h, i, k, ks) = (dims.h as i32, dims.inter as i32, dims.k as i32, ks as i32);
+        let mut a = args!(layer_dev, act_hl, h, i, k, ks, sel, wsel, x);
+        launch_threads(self.moe_dn_mma, (grid, 1, 1), threads, smem, s, &mut a)
     }
 
     /// Decode (T = 1) o_proj + residual fused with RMSNorm + router + top-k (gemv.cu

@@ -260,6 +260,10 @@ pub struct DeviceModel {
     /// Every expert matrix of every layer is 4-bit (NF4 or MXFP4): the decode MoE kernels
     /// `k_moe_gu1` / `k_moe_dn1` apply.
     pub experts_4bit: bool,
+    /// Per layer: every expert matrix is bitsandbytes 4-bit (`K_NF4N` / `K_NF4F`) with one and
+    /// the same 16-entry code, so the tensor-core kernels `k_moe_gu_mma` / `k_moe_dn_mma` (which
+    /// build their bf16 table once per block from one expert's code) apply.
+    pub experts_bnb_one_code: Vec<bool>,
     _buffers: Vec<DevBuf>,
 }
 
@@ -341,7 +345,20 @@ impl DeviceModel {
 
         let mut layers = Vec::with_capacity(w.layers.len());
         let mut experts_4bit = true;
+        let mut experts_bnb_one_code = Vec::with_capacity(w.layers.len());
         for (l, lw) in w.layers.iter().enumerate() {
+            let mut one_code = true;
+            let mut first_code: Option<&[u8]> = None;
+            for ex in &lw.experts {
+                for m in [&ex.gate_up.weight, &ex.down.weight] {
+                    match &m.data {
+                        MatrixData::Bnb4 { tensor, .. } => {
+                            one_code &= *first_code.get_or_insert(tensor.code) == tensor.code
+                        }
+                        _ => one_code = false,
+                    }
+                }
+            }
             let mut a = Arena::default();
             let q = add_linear(&mut a, &lw.q)?;
             let k = add_linear(&mut a, &lw.k)?;
@@ -357,6 +374,11 @@ impl DeviceModel {
                 gu.push(add_linear(&mut a, &ex.gate_up)?);
                 dn.push(add_linear(&mut a, &ex.down)?);
             }
+            one_code &= gu
+                .iter()
+                .chain(&dn)
+                .all(|m| matches!(m.m.kind, K_NF4N | K_NF4F));
+            experts_bnb_one_code.push(one_code);
             experts_4bit &= gu
                 .iter()
                 .chain(&dn)
@@ -433,6 +455,7 @@ impl DeviceModel {
             read,
             max_context,
             experts_4bit,
+            experts_bnb_one_code,
             _buffers: buffers,
         })
     }
