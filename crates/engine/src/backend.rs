@@ -131,6 +131,46 @@ pub enum BackendError {
     Failed(String),
 }
 
+/// The memory of a GPU backend's device and the rules its KV cache is allocated by: what a
+/// server needs to size the cache from `--gpu-memory-utilization` (vLLM's rule; see
+/// `gptoss_server::config::gpu_kv_budget`, which turns these figures into a budget).
+///
+/// The rules let the budget stay honest about how the backend's allocations relate to the block
+/// accounting ([`crate::kv_blocks`]), which counts `ceil(len / block_size)` full-attention blocks
+/// and a bounded number of sliding-window blocks per sequence:
+/// - the full-attention layers of a sequence of `len` positions hold
+///   `min(round_up(len, kv_grow_positions), max_context)` positions, so at most
+///   `kv_grow_positions` more than counted;
+/// - each sliding-window layer holds `kv_sliding_positions` positions per sequence;
+/// - a sequence's cache is `kv_allocs_per_seq` device allocations, each of which the driver may
+///   round up to `alloc_granule_bytes`;
+/// - growing a sequence's full-attention cache allocates the new size before the old allocation
+///   is freed (its contents are copied over), so while it grows the sequence briefly holds both;
+///   growths run one at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Device memory in total, in bytes.
+    pub total_bytes: u64,
+    /// Device memory in use now (total − free), by this process — weights, scratch buffers,
+    /// driver context, and whatever a warm-up step allocated — and by any other process.
+    pub used_bytes: u64,
+    /// Bytes per cached K/V element (2 for a bf16 cache, 4 for f32).
+    pub kv_dtype_bytes: usize,
+    /// The most positions one sequence may hold.
+    pub max_context: usize,
+    /// Full-attention caches grow in steps of this many positions.
+    pub kv_grow_positions: usize,
+    /// Positions each sliding-window layer holds per sequence.
+    pub kv_sliding_positions: usize,
+    /// Device allocations that make up one sequence's cache.
+    pub kv_allocs_per_seq: usize,
+    /// What the driver may round each allocation up to, in bytes.
+    pub alloc_granule_bytes: u64,
+    /// Bytes to keep free for what the backend may still allocate outside the KV cache after a
+    /// warm-up step (driver bookkeeping, a re-instantiated graph, fragmentation).
+    pub headroom_bytes: u64,
+}
+
 /// A device that runs the GPT-OSS forward pass for batches of sequences.
 pub trait Backend: Send {
     /// A short name for logs (`"cpu-reference"`, `"cuda"`).
@@ -148,6 +188,14 @@ pub trait Backend: Send {
 
     /// The most tokens one [`StepBatch`] may feed.
     fn max_batch_tokens(&self) -> usize;
+
+    /// The device memory and KV allocation rules of a GPU backend, measured now (call it after a
+    /// warm-up step, with no sequence held, to see what serving needs besides the KV cache).
+    /// `Ok(None)` (the default) for backends whose cache lives in host memory: they are sized by
+    /// other means (`--kv-cache-space`).
+    fn device_memory(&self) -> Result<Option<DeviceMemory>, BackendError> {
+        Ok(None)
+    }
 }
 
 /// Checks what every backend must refuse regardless of the hardware: empty steps, duplicate
