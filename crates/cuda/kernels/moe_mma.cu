@@ -24,11 +24,16 @@
 // (g = 0) or x_lo (g = 1); lanes g >= 2 hold zeros. After the mma, lane (g, q = 0) holds
 // c0 + c1 = row r0+g, c2 + c3 = row r0+g+8.
 //
-// ## The 4-bit -> bf16 table (shared memory, 64 KB)
-// Entry for byte value v and lane l at byte offset v*256 + l*8: {hi pair, lo pair} of the two
-// elements of v (low half = element 2i = code[v >> 4], high half = code[v & 15]). Every lane has
-// its own copy in its own pair of banks, so the random lookups of a warp never conflict, and the
-// offset is one PRMT: (byte of w) << 8 | lane * 8.
+// ## Shared memory: the 4-bit -> bf16 table (64 KB) and what lives in its holes
+// Row v (256 bytes) of the table serves byte value v: its first 128 bytes hold 16 copies of the
+// entry {hi pair, lo pair} of the two elements of v (low half = element 2i = code[v >> 4], high
+// half = code[v & 15]); lane l reads copy l & 15 at v*256 + (l & 15)*8, so the 16 lanes of a
+// half-warp (one LDS.64 phase) always hit 16 distinct bank pairs whatever their v, and the offset
+// is one PRMT: (byte of w) << 8 | (lane & 15) * 8. The second 128 bytes of each row ("hole" v)
+// hold the block's other data, so the whole kernel needs 64 KB and three blocks fit on an SM:
+// holes 0-7 the nested code (256 f32), holes 8-15 the partial sums ([16 warps][16 rows] f32),
+// and for k_moe_gu_mma holes 16 + p*(H/64) + b the 64 bf16 of block b of x_hi (p = 0) / x_lo
+// (p = 1), x_lo rotated by 16 bytes within its hole so the two columns' LDS.128 never share banks.
 //
 // Kernels (grid = min(units, resident blocks), a grid-stride loop over units; the table, the
 // nested code and the activations are staged once per block):
@@ -47,11 +52,17 @@
 
 extern __shared__ __align__(16) unsigned char smem_raw[];
 
-#define MMA_LUT_BYTES 65536
-#define MMA_NCODE_OFF MMA_LUT_BYTES         // 256 f32: the nested (absmax) code
-#define MMA_RED_OFF (MMA_NCODE_OFF + 1024)  // [<= 16 warps][16 rows] f32 partial sums
-#define MMA_X_OFF (MMA_RED_OFF + 1024)      // k_moe_gu_mma: x_hi, x_lo (u16, stride xstride)
-#define MMA_U 4                             // 64-blocks per pipeline stage
+#define MMA_SMEM 65536  // the table and its holes
+#define MMA_U 2         // 64-blocks per pipeline stage
+#define HOLE(i) ((i) * 256 + 128)  // byte offset of hole i
+
+// The nested code and the partial sums in holes 0-7 and 8-15 (index i < 256 each).
+__device__ __forceinline__ float& ncode_at(int i) {
+    return *reinterpret_cast<float*>(smem_raw + HOLE(i >> 5) + (i & 31) * 4);
+}
+__device__ __forceinline__ float& red_at(int i) {
+    return *reinterpret_cast<float*>(smem_raw + HOLE(8 + (i >> 5)) + (i & 31) * 4);
+}
 
 // v = hi + lo, both bf16 (round to nearest even); returns hi, lo through `lo`.
 __device__ __forceinline__ unsigned short bf16_split(float v, unsigned short& lo) {
@@ -60,7 +71,7 @@ __device__ __forceinline__ unsigned short bf16_split(float v, unsigned short& lo
     return hi;
 }
 
-// The 4-bit pair table (see the header). Thread v < 256 computes entry v and writes its 32 copies,
+// The 4-bit pair table (see the header). Thread v < 256 computes entry v and writes its 16 copies,
 // rotating the copy index with the thread so each store instruction hits distinct banks.
 __device__ void build_pair_lut(const float* code) {
     for (int v = threadIdx.x; v < 256; v += blockDim.x) {
@@ -68,16 +79,15 @@ __device__ void build_pair_lut(const float* code) {
         unsigned short h0 = bf16_split(__ldg(code + (v >> 4)), l0);
         unsigned short h1 = bf16_split(__ldg(code + (v & 15)), l1);
         uint2 e = make_uint2(h0 | ((unsigned)h1 << 16), l0 | ((unsigned)l1 << 16));
-        for (int c = 0; c < 32; c++) {
-            int l = (c + v) & 31;
+        for (int c = 0; c < 16; c++) {
+            int l = (c + v) & 15;
             *reinterpret_cast<uint2*>(smem_raw + v * 256 + l * 8) = e;
         }
     }
 }
 
 __device__ __forceinline__ uint2 lut_lookup(unsigned w, unsigned lane8, int byte) {
-    // offset byte 0 = lane8 (lane * 8 < 256), byte 1 = byte `byte` of w, bytes 2, 3 = 0; the
-    // table's shared-window address is a link-time constant that ptxas folds into the LDS.
+    // offset byte 0 = lane8 ((lane & 15) * 8 < 128), byte 1 = byte `byte` of w, bytes 2, 3 = 0.
     const unsigned off = __byte_perm(w, lane8, 0x5504u | ((unsigned)byte << 4));
     uint2 e;
     asm("{\n\t.reg .u32 a;\n\tmov.u32 a, smem_raw;\n\tadd.u32 a, a, %2;\n\tld.shared.v2.u32 {%0, %1}, [a];\n\t}"
@@ -102,17 +112,19 @@ __device__ __forceinline__ uint2 ldg8(const void* p) {
     return r;
 }
 
-// B fragments of one 64-block: 16 bf16 of column g (x_hi or x_lo) from `xp` (shared or global).
-template <bool GLOBAL>
-__device__ __forceinline__ void load_b(const unsigned short* xp, bool active, unsigned* bq) {
+// B fragments of one 64-block: 16 bf16 of column g (x_hi or x_lo), from global memory at xp, or
+// from shared memory (BGLOBAL = false) as two 16-byte pieces at byte offsets off0 / off1.
+template <bool BGLOBAL>
+__device__ __forceinline__ void load_b(const unsigned short* xp, unsigned off0, unsigned off1, bool active,
+                                       unsigned* bq) {
     uint4 u0 = make_uint4(0, 0, 0, 0), u1 = u0;
     if (active) {
-        if (GLOBAL) {
+        if (BGLOBAL) {
             u0 = __ldg(reinterpret_cast<const uint4*>(xp));
             u1 = __ldg(reinterpret_cast<const uint4*>(xp) + 1);
         } else {
-            u0 = *reinterpret_cast<const uint4*>(xp);
-            u1 = *(reinterpret_cast<const uint4*>(xp) + 1);
+            u0 = *reinterpret_cast<const uint4*>(smem_raw + off0);
+            u1 = *reinterpret_cast<const uint4*>(smem_raw + off1);
         }
     }
     bq[0] = u0.x, bq[1] = u0.y, bq[2] = u0.z, bq[3] = u0.w;
@@ -162,13 +174,13 @@ __device__ __forceinline__ void load_stage(const QMat& m, bool nested, int n, Cu
 // r0+g (ca) or r0+8+g (cb); columns 0 / 1 are x_hi / x_lo.
 template <bool FULL, bool BGLOBAL>
 __device__ __forceinline__ void compute_stage(const QMat& m, bool nested, int n, const Stage& st,
-                                              const unsigned short* xp, bool bact, unsigned lane8,
-                                              const float* ncode_s, float& acc_a, float& acc_b) {
+                                              const unsigned short* xp, unsigned off0, unsigned off1,
+                                              bool bact, unsigned lane8, float& acc_a, float& acc_b) {
 #pragma unroll
     for (int u = 0; u < MMA_U; u++) {
         if (FULL || u < n) {
             unsigned bq[8];
-            load_b<BGLOBAL>(xp + u * 64, bact, bq);
+            load_b<BGLOBAL>(xp + u * 64, off0 + u * 256, off1 + u * 256, bact, bq);
             float ca[4] = {0.f, 0.f, 0.f, 0.f}, cb[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
             for (int j = 0; j < 4; j++) {
@@ -182,8 +194,8 @@ __device__ __forceinline__ void compute_stage(const QMat& m, bool nested, int n,
             }
             float scale_a, scale_b;
             if (nested) {
-                scale_a = __fadd_rn(__fmul_rn(ncode_s[st.sa[u]], st.na[u]), m.offset);
-                scale_b = __fadd_rn(__fmul_rn(ncode_s[st.sb[u]], st.nbv[u]), m.offset);
+                scale_a = __fadd_rn(__fmul_rn(ncode_at(st.sa[u]), st.na[u]), m.offset);
+                scale_b = __fadd_rn(__fmul_rn(ncode_at(st.sb[u]), st.nbv[u]), m.offset);
             } else {
                 scale_a = __uint_as_float(st.sa[u]);
                 scale_b = __uint_as_float(st.sb[u]);
@@ -195,15 +207,16 @@ __device__ __forceinline__ void compute_stage(const QMat& m, bool nested, int n,
 }
 
 // One warp: rows r0+g (acc_a) and r0+g+8 (acc_b) of m dotted with x over the 64-blocks
-// [b_begin, b_end), for lanes q == 0 (other lanes end with zeros). x: column 0 (hi) at xb,
-// column 1 (lo) at xb + xstride (u16 elements). `m` is taken by value: its fields live in
+// [b_begin, b_end), for lanes q == 0 (other lanes end with zeros). x: BGLOBAL: column 0 (hi) at
+// xb, column 1 (lo) at xb + xstride (u16 elements); else in the holes of k_moe_gu_mma (header;
+// xstride = H / 64 holes per column). `m` is taken by value: its fields live in
 // registers for the whole loop. Software pipeline: the loads of stage s+1 are in flight while
 // stage s is computed; full stages run without per-block guards so their mma chains overlap.
 template <bool BGLOBAL>
 __device__ __forceinline__ void tile_dot(const QMat m, int r0, int b_begin, int b_end, const unsigned short* xb,
-                                         int xstride, const float* ncode_s, float& acc_a, float& acc_b) {
+                                         int xstride, float& acc_a, float& acc_b) {
     const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-    const unsigned lane8 = (unsigned)lane * 8u;
+    const unsigned lane8 = (unsigned)(lane & 15) * 8u;
     const int nb = m.cols >> 6;
     const size_t rowbytes = (size_t)(m.cols >> 1);
     const int ra = r0 + g;
@@ -217,6 +230,9 @@ __device__ __forceinline__ void tile_dot(const QMat m, int r0, int b_begin, int 
     c.ka = (unsigned)(ra * nb + b_begin), c.kb = c.ka + 8u * nb;
     const bool bact = g < 2;
     const unsigned short* xp = xb + (g & 1) * xstride + 16 * q + b_begin * 64;
+    const unsigned hole = HOLE(16 + (g & 1) * xstride + b_begin) - 128;  // row of x's first block
+    unsigned off0 = hole + 128 + ((32 * q + 16 * (g & 1)) & 127);
+    unsigned off1 = hole + 128 + ((32 * q + 16 + 16 * (g & 1)) & 127);
     Stage cur, nxt;
     if (b_begin + MMA_U <= b_end) load_stage<true>(m, nested, MMA_U, c, cur);
     else load_stage<false>(m, nested, b_end - b_begin, c, cur);
@@ -225,9 +241,9 @@ __device__ __forceinline__ void tile_dot(const QMat m, int r0, int b_begin, int 
         const int n_next = min(MMA_U, b_end - b0 - MMA_U);
         if (n_next == MMA_U) load_stage<true>(m, nested, MMA_U, c, nxt);
         else if (n_next > 0) load_stage<false>(m, nested, n_next, c, nxt);
-        if (n == MMA_U) compute_stage<true, BGLOBAL>(m, nested, n, cur, xp, bact, lane8, ncode_s, acc_a, acc_b);
-        else compute_stage<false, BGLOBAL>(m, nested, n, cur, xp, bact, lane8, ncode_s, acc_a, acc_b);
-        xp += MMA_U * 64;
+        if (n == MMA_U) compute_stage<true, BGLOBAL>(m, nested, n, cur, xp, off0, off1, bact, lane8, acc_a, acc_b);
+        else compute_stage<false, BGLOBAL>(m, nested, n, cur, xp, off0, off1, bact, lane8, acc_a, acc_b);
+        xp += MMA_U * 64, off0 += MMA_U * 256, off1 += MMA_U * 256;
         cur = nxt;
     }
 }
@@ -236,8 +252,7 @@ __device__ __forceinline__ void tile_dot(const QMat m, int r0, int b_begin, int 
 __device__ __forceinline__ void stage_tables(const QMat& m0) {
     build_pair_lut(m0.code);
     if (m0.kind == K_NF4N) {
-        float* ncode_s = reinterpret_cast<float*>(smem_raw + MMA_NCODE_OFF);
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) ncode_s[i] = __ldg(m0.ncode + i);
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) ncode_at(i) = __ldg(m0.ncode + i);
     }
 }
 
@@ -248,10 +263,7 @@ __device__ __forceinline__ void moe_gu_mma(const LayerDev* L, const float* h, in
     const int tiles = (2 * I) >> 4;
     const int gpe = (tiles + TB - 1) / TB;
     const int units = K * gpe;
-    const int xstride = H + 8;  // u16; 16 bytes of padding: x_hi / x_lo reads never share banks
-    unsigned short* xs = reinterpret_cast<unsigned short*>(smem_raw + MMA_X_OFF);
-    float* red = reinterpret_cast<float*>(smem_raw + MMA_RED_OFF);
-    const float* ncode_s = reinterpret_cast<const float*>(smem_raw + MMA_NCODE_OFF);
+    const int nbx = H >> 6;  // holes per x column
     const int tl = warp / KS, ks = warp % KS;
     const int nb = H >> 6;
     const int b_begin = (nb * ks) / KS, b_end = (nb * (ks + 1)) / KS;
@@ -270,8 +282,10 @@ __device__ __forceinline__ void moe_gu_mma(const LayerDev* L, const float* h, in
             const int i = threadIdx.x + r * 256;
             if (i < H) {
                 unsigned short lo;
-                xs[i] = bf16_split(hv[r], lo);
-                xs[xstride + i] = lo;
+                const unsigned short hi = bf16_split(hv[r], lo);
+                const int b = i >> 6, j2 = (i & 63) * 2;
+                *reinterpret_cast<unsigned short*>(smem_raw + HOLE(16 + b) + j2) = hi;
+                *reinterpret_cast<unsigned short*>(smem_raw + HOLE(16 + nbx + b) + ((j2 + 16) & 127)) = lo;
             }
         }
     }
@@ -281,15 +295,15 @@ __device__ __forceinline__ void moe_gu_mma(const LayerDev* L, const float* h, in
         const int tile = (u % gpe) * TB + tl;
         const QMat m = L->gu[sel[k]];
         float acc_a = 0.f, acc_b = 0.f;
-        if (tile < tiles) tile_dot<false>(m, tile * 16, b_begin, b_end, xs, xstride, ncode_s, acc_a, acc_b);
+        if (tile < tiles) tile_dot<false>(m, tile * 16, b_begin, b_end, nullptr, nbx, acc_a, acc_b);
         if ((lane & 3) == 0) {
-            red[warp * 16 + (lane >> 2)] = acc_a;
-            red[warp * 16 + (lane >> 2) + 8] = acc_b;
+            red_at(warp * 16 + (lane >> 2)) = acc_a;
+            red_at(warp * 16 + (lane >> 2) + 8) = acc_b;
         }
         __syncthreads();
         if (ks == 0 && tile < tiles && lane < 16) {
             float v = 0.f;
-            for (int s = 0; s < KS; s++) v += red[(warp + s) * 16 + lane];
+            for (int s = 0; s < KS; s++) v += red_at((warp + s) * 16 + lane);
             const int r = tile * 16 + lane;
             if (m.bias) v += m.bias[r];
             const float up = __shfl_down_sync(0xffffu, v, 1);
@@ -308,8 +322,6 @@ __device__ __forceinline__ void moe_dn_mma(const LayerDev* L, const unsigned sho
                  const float* wsel, float* x) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int tiles = H >> 4;
-    float* red = reinterpret_cast<float*>(smem_raw + MMA_RED_OFF);
-    const float* ncode_s = reinterpret_cast<const float*>(smem_raw + MMA_NCODE_OFF);
     const int k = warp / KS, ks = warp % KS;
     const int nb = I >> 6;
     const int b_begin = (nb * ks) / KS, b_end = (nb * (ks + 1)) / KS;
@@ -319,10 +331,10 @@ __device__ __forceinline__ void moe_dn_mma(const LayerDev* L, const unsigned sho
     const unsigned short* xb = act_hl + (size_t)k * 2 * I;
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         float acc_a = 0.f, acc_b = 0.f;
-        tile_dot<true>(m, tile * 16, b_begin, b_end, xb, I, ncode_s, acc_a, acc_b);
+        tile_dot<true>(m, tile * 16, b_begin, b_end, xb, I, acc_a, acc_b);
         if ((lane & 3) == 0) {
-            red[warp * 16 + (lane >> 2)] = acc_a;
-            red[warp * 16 + (lane >> 2) + 8] = acc_b;
+            red_at(warp * 16 + (lane >> 2)) = acc_a;
+            red_at(warp * 16 + (lane >> 2) + 8) = acc_b;
         }
         __syncthreads();
         if (warp == 0 && lane < 16) {
@@ -331,7 +343,7 @@ __device__ __forceinline__ void moe_dn_mma(const LayerDev* L, const unsigned sho
             for (int kk = 0; kk < K; kk++) {
                 const QMat& mk = L->dn[sel[kk]];
                 float v = 0.f;
-                for (int s = 0; s < KS; s++) v += red[(kk * KS + s) * 16 + lane];
+                for (int s = 0; s < KS; s++) v += red_at((kk * KS + s) * 16 + lane);
                 if (mk.bias) v += mk.bias[r];
                 total += wsel[kk] * v;
             }
@@ -341,21 +353,15 @@ __device__ __forceinline__ void moe_dn_mma(const LayerDev* L, const unsigned sho
     }
 }
 
-// Entry points: 2 blocks of 256 threads per SM (128 registers per thread), and the "_r" builds
-// with up to 255 registers (one block per SM) for A/B measurements (GPTOSS_CUDA_MMA_REGS=255).
+// Entry points: three blocks of 256 threads per SM (64 KB of shared memory and <= 85 registers
+// each).
 #define GU_ARGS const LayerDev *L, const float *h, int H, int I, int K, int KS, const int *sel, \
                 unsigned short *act_hl, float alpha, float limit
 #define DN_ARGS const LayerDev *L, const unsigned short *act_hl, int H, int I, int K, int KS, const int *sel, \
                 const float *wsel, float *x
-extern "C" __global__ void __launch_bounds__(256, 2) k_moe_gu_mma(GU_ARGS) {
+extern "C" __global__ void __launch_bounds__(256, 3) k_moe_gu_mma(GU_ARGS) {
     moe_gu_mma(L, h, H, I, K, KS, sel, act_hl, alpha, limit);
 }
-extern "C" __global__ void __launch_bounds__(256, 1) k_moe_gu_mma_r(GU_ARGS) {
-    moe_gu_mma(L, h, H, I, K, KS, sel, act_hl, alpha, limit);
-}
-extern "C" __global__ void __launch_bounds__(256, 2) k_moe_dn_mma(DN_ARGS) {
-    moe_dn_mma(L, act_hl, H, I, K, KS, sel, wsel, x);
-}
-extern "C" __global__ void __launch_bounds__(256, 1) k_moe_dn_mma_r(DN_ARGS) {
+extern "C" __global__ void __launch_bounds__(256, 3) k_moe_dn_mma(DN_ARGS) {
     moe_dn_mma(L, act_hl, H, I, K, KS, sel, wsel, x);
 }

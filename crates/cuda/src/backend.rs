@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use gptoss_engine::backend::{
-    Backend, BackendError, Logits, LogitsWanted, SeqId, StepBatch, validate_batch,
+    Backend, BackendError, DeviceMemory, Logits, LogitsWanted, SeqId, StepBatch, validate_batch,
 };
 use gptoss_formats::{Checkpoint, GptOssConfig, ModelWeights};
 
@@ -104,14 +104,75 @@ impl Scratch {
     }
 }
 
+/// Full-attention caches grow in steps of this many positions (see [`grown_capacity`]).
+pub const KV_GROW_POSITIONS: usize = 256;
+
+/// What the driver may round a device allocation up to: large allocations are backed by 2 MiB
+/// pages.
+pub const ALLOC_GRANULE_BYTES: u64 = 2 << 20;
+
+/// Device memory a server keeps free besides the KV cache once a warm-up step has run (which
+/// loads every kernel, sizes their local memory and captures the decode graph): room for driver
+/// bookkeeping that grows with the number of allocations, a graph re-instantiation, and
+/// fragmentation.
+pub const HEADROOM_BYTES: u64 = 256 << 20;
+
+/// Capacity (positions) of a sequence's full-attention cache that must hold `need` positions,
+/// given its current capacity `cap` (0 for a new sequence) and the backend's `max_context`.
+///
+/// The rule: `min(round_up(need, KV_GROW_POSITIONS), max_context)` — additive steps, not doubling.
+/// The engine's block manager counts `ceil(len / block_size)` blocks per sequence and sizes its
+/// pools from the KV budget, so every position allocated beyond that count is memory the budget
+/// does not know about. Doubling (the old rule) let a sequence hold up to twice its accounted
+/// blocks; with additive steps it holds fewer than `KV_GROW_POSITIONS` extra positions, a fixed
+/// per-sequence slack the budget reserves ([`DeviceMemory::kv_grow_positions`]). The price is
+/// copies: growing copies the sequence's whole cache, once per `KV_GROW_POSITIONS` tokens instead
+/// of once per doubling. That is cheap next to the attention itself, which reads the whole cache
+/// once per decoded token: one copy (read + write) every 256 tokens adds under 1 % to the
+/// attention's memory traffic (and a long prompt grows once per forward call, not per chunk).
+pub fn grown_capacity(cap: usize, need: usize, max_context: usize) -> usize {
+    if need <= cap {
+        return cap;
+    }
+    need.div_ceil(KV_GROW_POSITIONS)
+        .saturating_mul(KV_GROW_POSITIONS)
+        .min(max_context)
+        .max(need)
+}
+
+/// Where one layer's K or V of a sequence starts (inside a [`SeqCache`] allocation).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KvView {
+    pub(crate) ptr: u64,
+}
+
+impl KvView {
+    /// The address `off` bytes in.
+    pub(crate) fn at(&self, off: usize) -> u64 {
+        self.ptr + off as u64
+    }
+}
+
+/// Per full-attention layer: its index, where its K and where its V start.
+type FullViews = Vec<(usize, KvView, KvView)>;
+
 /// The KV cache of one sequence: per layer, K and V of `[slots, kv_dim]` (bf16, or f32 with
-/// [`CudaOptions::kv_f32`]).
+/// [`CudaOptions::kv_f32`]); `slots` is `cap` for full-attention layers and
+/// `sliding_window + RING_EXTRA` (a ring) for sliding ones.
+///
+/// Two device allocations per sequence (so that per-allocation rounding costs at most two
+/// granules): one holds K then V of every full-attention layer (`[2][full layers][cap][kv_dim]`,
+/// replaced by a larger one when the sequence grows), the other K then V of every sliding layer
+/// (`[2][sliding layers][ring][kv_dim]`, fixed size).
 pub(crate) struct SeqCache {
     pub(crate) len: usize,
     /// Slots of the full-attention layers.
     pub(crate) cap: usize,
-    pub(crate) k: Vec<DevBuf>,
-    pub(crate) v: Vec<DevBuf>,
+    /// Per layer, its K and V.
+    pub(crate) k: Vec<KvView>,
+    pub(crate) v: Vec<KvView>,
+    full: Option<DevBuf>,
+    sliding: Option<DevBuf>,
 }
 
 /// Timings and counts of the last load.
@@ -136,6 +197,10 @@ pub struct CudaBackend {
     pub(crate) fused_router: bool,
     /// Single-token steps run the experts with `k_moe_gu1` / `k_moe_dn1`.
     pub(crate) moe1: bool,
+    /// Single-token steps run the experts on the tensor cores (`k_moe_gu_mma` /
+    /// `k_moe_dn_mma`; `scratch.act` then holds bf16 hi/lo pairs, see moe_mma.cu) in the layers
+    /// whose experts they handle (see [`Self::moe_mma_at`]).
+    pub(crate) moe_mma: bool,
     pub(crate) k: Kernels,
     // Dropped last: the context must outlive every buffer.
     pub(crate) gpu: Gpu,
@@ -206,6 +271,9 @@ impl CudaBackend {
             });
         let moe1 =
             !v5 && env("GPTOSS_CUDA_MOE1") && model.experts_4bit && Kernels::moe1_supported(&dims);
+        // GPTOSS_CUDA_MOE_MMA=1 opts in to the tensor-core expert kernels (bnb 4-bit experts):
+        // correct to ~5e-6 but measured no faster than the GEMV ones at batch 1 (bench/CUDA.md, v7).
+        let moe_mma = !v5 && !moe1 && env("GPTOSS_CUDA_MOE_MMA") && k.moe_mma_supported(&dims);
         let load = LoadReport {
             seconds: start.elapsed().as_secs_f64(),
             weight_bytes: model.weight_bytes,
@@ -222,6 +290,7 @@ impl CudaBackend {
             model,
             fused_router,
             moe1,
+            moe_mma,
             k,
             gpu,
         })
@@ -273,47 +342,130 @@ impl CudaBackend {
         self.model.max_context
     }
 
-    pub(crate) fn new_cache(&self, cap: usize) -> Result<SeqCache, String> {
-        let slot = self.dims.kv_dim * self.dims.kv_elem();
-        let mut k = Vec::new();
-        let mut v = Vec::new();
-        for l in 0..self.dims.layers {
-            let slots = if self.cfg.is_sliding(l) {
-                self.cfg.sliding_window + RING_EXTRA
-            } else {
-                cap
-            };
-            k.push(self.gpu.alloc_zeroed(slots * slot)?);
-            v.push(self.gpu.alloc_zeroed(slots * slot)?);
-        }
-        Ok(SeqCache { len: 0, cap, k, v })
+    /// Positions each sliding-window layer keeps per sequence (its ring).
+    fn ring_slots(&self) -> usize {
+        self.cfg.sliding_window + RING_EXTRA
     }
 
-    /// Grows the full-attention layers of `c` to hold `need` positions.
+    /// The full-attention layers' K/V allocation for `cap` positions (`None` without such
+    /// layers) and, per full layer, where its K and V start.
+    fn alloc_full(&self, cap: usize) -> Result<(Option<DevBuf>, FullViews), String> {
+        let slot = self.dims.kv_dim * self.dims.kv_elem();
+        let full: Vec<usize> = (0..self.dims.layers)
+            .filter(|&l| !self.cfg.is_sliding(l))
+            .collect();
+        if full.is_empty() {
+            return Ok((None, Vec::new()));
+        }
+        let buf = self.gpu.alloc_zeroed(2 * full.len() * cap * slot)?;
+        let views = full
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| {
+                let k = KvView {
+                    ptr: buf.at(i * cap * slot),
+                };
+                let v = KvView {
+                    ptr: buf.at((full.len() + i) * cap * slot),
+                };
+                (l, k, v)
+            })
+            .collect();
+        Ok((Some(buf), views))
+    }
+
+    /// An empty cache whose full-attention layers hold `cap` positions.
+    pub(crate) fn new_cache(&self, cap: usize) -> Result<SeqCache, String> {
+        let slot = self.dims.kv_dim * self.dims.kv_elem();
+        let ring = self.ring_slots();
+        let n = self.dims.layers;
+        let mut k = vec![KvView { ptr: 0 }; n];
+        let mut v = vec![KvView { ptr: 0 }; n];
+        let (full, views) = self.alloc_full(cap)?;
+        for (l, kv, vv) in views {
+            (k[l], v[l]) = (kv, vv);
+        }
+        let sliding: Vec<usize> = (0..n).filter(|&l| self.cfg.is_sliding(l)).collect();
+        let sliding_buf = if sliding.is_empty() {
+            None
+        } else {
+            let buf = self.gpu.alloc_zeroed(2 * sliding.len() * ring * slot)?;
+            for (i, &l) in sliding.iter().enumerate() {
+                k[l] = KvView {
+                    ptr: buf.at(i * ring * slot),
+                };
+                v[l] = KvView {
+                    ptr: buf.at((sliding.len() + i) * ring * slot),
+                };
+            }
+            Some(buf)
+        };
+        Ok(SeqCache {
+            len: 0,
+            cap,
+            k,
+            v,
+            full,
+            sliding: sliding_buf,
+        })
+    }
+
+    /// Grows the full-attention layers of `c` to hold `need` positions ([`grown_capacity`]): a
+    /// new allocation, the `len` cached positions of every layer copied into it, then the old
+    /// one freed — so for the length of the copy the sequence holds both (the KV budget reserves
+    /// room for that copy of the longest sequence). On error `c` is unchanged.
     fn grow(&self, c: &mut SeqCache, need: usize) -> Result<(), String> {
         if need <= c.cap {
             return Ok(());
         }
-        let cap = need
-            .next_power_of_two()
-            .max(1024)
-            .min(self.model.max_context.next_power_of_two());
-        let slot = self.dims.kv_dim * self.dims.kv_elem();
-        let mut old = Vec::new();
-        for l in 0..self.dims.layers {
-            if self.cfg.is_sliding(l) {
-                continue;
-            }
-            for bufs in [&mut c.k, &mut c.v] {
-                let nb = self.gpu.alloc_zeroed(cap * slot)?;
-                self.gpu.copy_d2d(nb.ptr, bufs[l].ptr, c.len * slot)?;
-                old.push(std::mem::replace(&mut bufs[l], nb));
+        let cap = grown_capacity(c.cap, need, self.model.max_context);
+        let bytes = c.len * self.dims.kv_dim * self.dims.kv_elem();
+        let (full, views) = self.alloc_full(cap)?;
+        if bytes > 0 {
+            for &(l, k, v) in &views {
+                self.gpu.copy_d2d(k.ptr, c.k[l].ptr, bytes)?;
+                self.gpu.copy_d2d(v.ptr, c.v[l].ptr, bytes)?;
             }
         }
         self.gpu.sync()?;
-        drop(old);
+        for (l, k, v) in views {
+            (c.k[l], c.v[l]) = (k, v);
+        }
+        // Frees the old allocation (the copies are done).
+        c.full = full;
         c.cap = cap;
         Ok(())
+    }
+
+    /// Creates `seq` if needed (empty) and grows its cache to hold `positions` positions without
+    /// feeding anything, so memory tests can allocate a full-length sequence without a prefill
+    /// of that length. Later steps continue at the sequence's cached length as usual.
+    #[doc(hidden)]
+    pub fn reserve_sequence(&mut self, seq: SeqId, positions: usize) -> Result<(), BackendError> {
+        if positions > self.model.max_context {
+            return Err(BackendError::InvalidInput(format!(
+                "cannot reserve {positions} positions: beyond this backend's max_context of {} (CudaOptions::max_context)",
+                self.model.max_context
+            )));
+        }
+        self.gpu.bind().map_err(failed)?;
+        let mut c = match self.seqs.remove(&seq) {
+            Some(c) => c,
+            None => self
+                .new_cache(grown_capacity(0, positions.max(1), self.model.max_context))
+                .map_err(failed)?,
+        };
+        let res = self.grow(&mut c, positions);
+        self.seqs.insert(seq, c);
+        res.map_err(failed)
+    }
+
+    /// Device bytes the cache of `seq` holds (both allocations, before driver rounding).
+    #[doc(hidden)]
+    pub fn sequence_bytes(&self, seq: SeqId) -> Option<usize> {
+        self.seqs.get(&seq).map(|c| {
+            c.full.as_ref().map_or(0, |b| b.bytes) + c.sliding.as_ref().map_or(0, |b| b.bytes)
+        })
     }
 
     pub(crate) fn params(&self, c: &SeqCache, tokens: &[u32], pos0: usize) -> StepParams {
@@ -445,6 +597,29 @@ impl CudaBackend {
         let ld = m
             .layer_dev
             .at(l * std::mem::size_of::<crate::kernels::LayerDev>());
+        if t == 1 && self.moe_mma_at(l) {
+            mark("k_moe_gu_mma")?;
+            k.moe_gu_mma(
+                s,
+                self.plan.moe_gu_mma,
+                ld,
+                sc.h.ptr,
+                d,
+                sc.sel.ptr,
+                sc.act.ptr,
+            )?;
+            mark("k_moe_dn_mma")?;
+            return k.moe_dn_mma(
+                s,
+                self.plan.moe_dn_mma,
+                ld,
+                sc.act.ptr,
+                d,
+                sc.sel.ptr,
+                sc.wsel.ptr,
+                sc.x.ptr,
+            );
+        }
         if t == 1 && self.moe1 {
             mark("k_moe_gu1")?;
             k.moe_gu1(s, ld, sc.h.ptr, d, sc.sel.ptr, sc.act.ptr)?;
@@ -477,6 +652,23 @@ impl CudaBackend {
             sc.wsel.ptr,
             sc.x.ptr,
         )
+    }
+
+    /// Which expert kernels a step of `t` tokens runs in layer `l` (for test reports).
+    #[doc(hidden)]
+    pub fn expert_kernels(&self, l: usize, t: usize) -> &'static str {
+        if t == 1 && self.moe_mma_at(l) {
+            "k_moe_gu_mma/k_moe_dn_mma"
+        } else if t == 1 && self.moe1 {
+            "k_moe_gu1/k_moe_dn1"
+        } else {
+            "k_moe_gu/k_moe_dn"
+        }
+    }
+
+    /// Whether single-token steps of layer `l` run the tensor-core expert kernels.
+    pub(crate) fn moe_mma_at(&self, l: usize) -> bool {
+        self.moe_mma && self.model.experts_bnb_one_code[l]
     }
 
     /// o_proj + residual, then RMSNorm + router + top-k of layer `l` (x, h, router logits,
@@ -601,7 +793,11 @@ impl CudaBackend {
     ) -> Result<(), String> {
         let mut c = match self.seqs.remove(&seq) {
             Some(c) => c,
-            None => self.new_cache(1024.min(self.model.max_context.next_power_of_two()))?,
+            None => self.new_cache(grown_capacity(
+                0,
+                start_pos + tokens.len(),
+                self.model.max_context,
+            ))?,
         };
         let res = (|| {
             self.grow(&mut c, start_pos + tokens.len())?;
@@ -822,5 +1018,46 @@ impl Backend for CudaBackend {
 
     fn max_batch_tokens(&self) -> usize {
         self.opts.max_batch_tokens
+    }
+
+    fn device_memory(&self) -> Result<Option<DeviceMemory>, BackendError> {
+        let (free, total) = self.memory()?;
+        Ok(Some(DeviceMemory {
+            total_bytes: total as u64,
+            used_bytes: total.saturating_sub(free) as u64,
+            kv_dtype_bytes: self.dims.kv_elem(),
+            max_context: self.model.max_context,
+            kv_grow_positions: KV_GROW_POSITIONS,
+            kv_sliding_positions: self.ring_slots(),
+            // SeqCache: one allocation for the full-attention layers, one for the sliding ones.
+            kv_allocs_per_seq: 2,
+            alloc_granule_bytes: ALLOC_GRANULE_BYTES,
+            headroom_bytes: HEADROOM_BYTES,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn growth_is_additive_and_capped() {
+        // New sequences get the first step (or what they need, rounded up to a step).
+        assert_eq!(grown_capacity(0, 1, 131072), 256);
+        assert_eq!(grown_capacity(0, 300, 131072), 512);
+        // No growth while it fits.
+        assert_eq!(grown_capacity(512, 512, 131072), 512);
+        // One step at a time, never doubling.
+        assert_eq!(grown_capacity(4096, 4097, 131072), 4352);
+        // Capped at max_context (which need never exceeds), even off a step boundary.
+        assert_eq!(grown_capacity(130816, 131072, 131072), 131072);
+        assert_eq!(grown_capacity(0, 5000, 5000), 5000);
+        assert_eq!(grown_capacity(4864, 4999, 5000), 5000);
+        // The slack over what a sequence needs stays under one step.
+        for need in 1..3000 {
+            let cap = grown_capacity(0, need, 131072);
+            assert!(cap >= need && cap - need < KV_GROW_POSITIONS);
+        }
     }
 }

@@ -144,7 +144,7 @@ impl CudaBackend {
                 t,
             )?;
             tr.attn = get(sc.attn.ptr, t * d.q_dim)?;
-            // The decode path's kernels for T = 1 (fused o_proj + router, k_moe_gu1/dn1), the
+            // The decode path's kernels for T = 1 (fused o_proj + router, tensor-core experts), the
             // chunk path's otherwise: the router does not change x, so x after both is x_attn.
             self.record_oproj_router(t, l, sc.counters.at(MAXT * d.nkv * 4), &mut |_| Ok(()))?;
             tr.x_attn = get(sc.x.ptr, t * d.h)?;
@@ -155,9 +155,24 @@ impl CudaBackend {
             self.gpu.download(&mut tr.sel, sc.sel.ptr)?;
             // act is read back between the experts' two kernels (at the mark of the second).
             let mut act = Vec::new();
+            let hi_lo = t == 1 && self.moe_mma_at(l);
             self.record_moe(t, l, &mut |name| {
                 if name.starts_with("k_moe_dn") {
-                    act = get(sc.act.ptr, t * d.k * d.inter)?;
+                    act = if hi_lo {
+                        // u16 [k][2][inter]: bf16 hi and lo halves of each activation.
+                        let mut bits = vec![0u16; 2 * d.k * d.inter];
+                        self.gpu.download(&mut bits, sc.act.ptr)?;
+                        let bf = |b: u16| half::bf16::from_bits(b).to_f32();
+                        (0..d.k * d.inter)
+                            .map(|j| {
+                                let (e, i) = (j / d.inter, j % d.inter);
+                                let row = &bits[2 * e * d.inter..];
+                                bf(row[i]) + bf(row[d.inter + i])
+                            })
+                            .collect()
+                    } else {
+                        get(sc.act.ptr, t * d.k * d.inter)?
+                    };
                 }
                 Ok(())
             })?;

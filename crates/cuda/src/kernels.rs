@@ -49,12 +49,12 @@ pub const PART: usize = 66;
 pub const RP_MAXB: usize = 384;
 /// Most experts `k_oproj_router` handles.
 pub const RP_MAXE: usize = 128;
-/// Shared memory of the moe_mma.cu kernels before their activations: the 64 KB 4-bit table,
-/// the nested code (1 KB) and the partial sums (1 KB).
-pub const MMA_SMEM_BASE: usize = 65536 + 2048;
+/// Shared memory of the moe_mma.cu kernels: the 64 KB 4-bit table, whose holes hold everything
+/// else (see moe_mma.cu).
+pub const MMA_SMEM: usize = 65536;
 /// Default column splits (warps per 16-row tile) of `k_moe_gu_mma` (1, 2, 4 or 8) and
 /// `k_moe_dn_mma` (K * splits <= 8 warps: blocks of at most 256 threads).
-pub const MMA_KS_GU: usize = 1;
+pub const MMA_KS_GU: usize = 2;
 pub const MMA_KS_DN: usize = 2;
 /// Rows per tile of `k_moe_gu1` / `k_moe_dn1`.
 pub const RT_GU: usize = 8;
@@ -204,9 +204,8 @@ impl SmemPlan {
             ],
             moe_gu: padded_len(h) * 4 + 2048,
             moe_dn: k * padded_len(inter) * 4 + k * 2048,
-            // moe_mma.cu: 64 KB table + nested code + partial sums (+ x_hi, x_lo for gate_up).
-            moe_gu_mma: MMA_SMEM_BASE + 2 * (h + 8) * 2,
-            moe_dn_mma: MMA_SMEM_BASE,
+            moe_gu_mma: MMA_SMEM,
+            moe_dn_mma: MMA_SMEM,
         }
     }
 
@@ -242,8 +241,6 @@ impl Kernels {
         let attn = gpu.load_module(ATTENTION_FATBIN)?;
         let bw = gpu.load_module(BANDWIDTH_FATBIN)?;
         let mma = gpu.load_module(MOE_MMA_FATBIN)?;
-        // GPTOSS_CUDA_MMA_REGS=255: the one-block-per-SM builds of the tensor-core expert kernels.
-        let mma_regs = std::env::var("GPTOSS_CUDA_MMA_REGS").is_ok_and(|v| v == "255");
         let mma_ks = std::env::var("GPTOSS_CUDA_MMA_KS")
             .ok()
             .and_then(|v| {
@@ -265,8 +262,8 @@ impl Kernels {
             moe_dn1: gemv.function("k_moe_dn1")?,
             moe_dn1_rt2: gemv.function("k_moe_dn1_rt2")?,
             oproj_router: gemv.function("k_oproj_router")?,
-            moe_gu_mma: mma.function(if mma_regs { "k_moe_gu_mma_r" } else { "k_moe_gu_mma" })?,
-            moe_dn_mma: mma.function(if mma_regs { "k_moe_dn_mma_r" } else { "k_moe_dn_mma" })?,
+            moe_gu_mma: mma.function("k_moe_gu_mma")?,
+            moe_dn_mma: mma.function("k_moe_dn_mma")?,
             mma_ks,
             rt_gu: if std::env::var("GPTOSS_CUDA_GU1").is_ok_and(|v| v == "rt8") {
                 RT_GU
@@ -565,6 +562,7 @@ impl Kernels {
     pub fn moe_mma_supported(&self, dims: &Dims) -> bool {
         dims.h.is_multiple_of(64)
             && dims.h <= 16 * 256
+            && 16 + 2 * dims.h / 64 <= 256
             && dims.inter.is_multiple_of(64)
             && (1..=MAXK).contains(&dims.k)
             && dims.k * self.mma_ks.1 <= 8

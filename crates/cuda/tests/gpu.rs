@@ -489,6 +489,7 @@ fn check_layer(
     let kp = bf16_round(&rng.vec(pos0 * kvd, 2.0));
     let vp = bf16_round(&rng.vec(pos0 * kvd, 2.0));
     let tr: LayerTrace = be.debug_layer(l, &x, pos0, &kp, &vp).expect("debug_layer");
+    let tag = format!("{tag} [{}]", be.expert_kernels(l, t));
     let positions: Vec<usize> = (pos0..pos0 + t).collect();
 
     // k_qkv: rmsnorm + q/k/v + RoPE (+ bf16 KV write).
@@ -674,6 +675,8 @@ fn kernels_match_reference_at_20b_shapes() {
                 Kind::F32,
                 Kind::Mxfp4,
             ),
+            // NF4 experts without double quantization (the tensor-core kernels' f32 scales).
+            (Kind::Bf16, Kind::Bf16, Kind::Bf16, Kind::Bf16, Kind::Nf4F32),
         ],
     );
     let w = rm.weights();
@@ -696,6 +699,8 @@ fn kernels_match_reference_at_20b_shapes() {
     check_layer(&mut be, &w, &mut rng, 1, 1, 4100, &mut ck);
     check_layer(&mut be, &w, &mut rng, 1, 4, 777, &mut ck);
     check_layer(&mut be, &w, &mut rng, 1, 1, 0, &mut ck);
+    check_layer(&mut be, &w, &mut rng, 2, 1, 50, &mut ck);
+    check_layer(&mut be, &w, &mut rng, 2, 2, 60, &mut ck);
     let vocab = rm.cfg.vocab_size;
     let prompt: Vec<u32> = (0..9).map(|_| (rng.u64() % vocab as u64) as u32).collect();
     let steps = 8;
@@ -725,10 +730,18 @@ fn kernels_match_reference_at_20b_shapes() {
         };
         agree += usize::from(argmax(got.step(0)) as u32 == want);
     }
+    // The tensor-core experts (opt-in) differ from the f32 reference by ~5e-6 per kernel, which
+    // flips the bf16 rounding of a few cached K/V elements (one bf16 step is 4e-3 relative), so
+    // the emulation agrees less closely than with the exact GEMV experts.
+    let tol = if be.expert_kernels(0, 1).contains("mma") {
+        3e-3
+    } else {
+        1e-3
+    };
     ck.add(
         "model [bf16 KV]: logits vs reference with bf16 K/V, 9-token prompt (4+4+1) + 8 steps",
         worst,
-        1e-3,
+        tol,
     );
     ck.add(
         &format!("model [bf16 KV]: greedy agreement {agree}/{}", steps + 1),
