@@ -1,6 +1,7 @@
 // Attention over the bf16 KV cache with GQA, learned sinks and the sliding window
-// (spec model.md §2.2), for decode (T = 1) and prefill chunks (T <= MAXT queries whose keys were
-// already written to the cache by k_qkv).
+// (spec model.md §2.2), for T <= MAXT queries per launch: decode (T = 1), a prefill chunk of one
+// sequence, or the decode tokens of up to MAXT sequences (each query reads its own sequence's
+// cache, StepParams kc/vc[t], up to its own position pos[t]; its key was written by k_qkv).
 //
 // k_attn  grid (nkv, smax, T), block 256 (8 warps; warp w = query head g*G + w of KV head g,
 //         G = nh/nkv <= 8), static smem ~35 KB.
@@ -38,7 +39,7 @@ extern "C" __global__ void __launch_bounds__(256) k_attn(const LayerDev* L, cons
     const int g = blockIdx.x, s = blockIdx.y, t = blockIdx.z;
     if (t >= sp->T) return;
     const int G = nh / nkv;
-    const int p = sp->pos0 + t;
+    const int p = sp->pos[t];
     const int window = L->window, ring = L->ring;
     const int lo = window > 0 ? max(0, p - window + 1) : 0;
     const int nkeys = p - lo + 1;
@@ -52,8 +53,8 @@ extern "C" __global__ void __launch_bounds__(256) k_attn(const LayerDev* L, cons
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int kvd = nkv * HEAD_DIM;
-    const unsigned short* kc = reinterpret_cast<const unsigned short*>(sp->kc[layer]);
-    const unsigned short* vc = reinterpret_cast<const unsigned short*>(sp->vc[layer]);
+    const unsigned short* kc = reinterpret_cast<const unsigned short*>(sp->kc[t][layer]);
+    const unsigned short* vc = reinterpret_cast<const unsigned short*>(sp->vc[t][layer]);
     const bool hw = warp < G;
     const int hq = g * G + warp;
     if (hw) {
@@ -65,8 +66,8 @@ extern "C" __global__ void __launch_bounds__(256) k_attn(const LayerDev* L, cons
     for (int ts = kb; ts < ke; ts += TILE) {
         __syncthreads();
         if (kvf32) {
-            const float* kcf = reinterpret_cast<const float*>(sp->kc[layer]);
-            const float* vcf = reinterpret_cast<const float*>(sp->vc[layer]);
+            const float* kcf = reinterpret_cast<const float*>(sp->kc[t][layer]);
+            const float* vcf = reinterpret_cast<const float*>(sp->vc[t][layer]);
             for (int idx = threadIdx.x; idx < TILE * 16; idx += blockDim.x) {
                 int jj = idx >> 4, p16 = idx & 15;
                 int j = ts + jj;

@@ -18,10 +18,10 @@
 //          blocks; bias f32 [rows] or null.
 // LayerDev: one decoder layer: q, k, v, o, router QMats, device arrays gu[E] / dn[E] of expert
 //   QMats, f32 norms and sinks, window (0 = full attention), ring (KV ring size, 0 = linear).
-// StepParams: per forward call: T tokens (<= MAXT) at positions pos0.., their ids, and the K/V
-//   cache base pointer of every layer for the sequence being run (bf16, [slot][kv_heads*64]).
-//   Kernels read it from device memory, so a captured CUDA graph works for any position and any
-//   sequence.
+// StepParams: per launch sequence: T tokens (<= MAXT), per token its id, its position and the K/V
+//   cache base pointer of every layer of its sequence (bf16, [slot][kv_heads*64]): the tokens of
+//   a prefill chunk of one sequence, or the decode tokens of up to MAXT sequences. Kernels read it
+//   from device memory, so a captured CUDA graph works for any positions and any sequences.
 //
 // ## Padded activation layout in shared memory
 // An activation vector of n (multiple of 32) f32 is stored with 4 floats of padding after every
@@ -72,15 +72,16 @@ struct LayerDev {
 
 struct StepParams {
     int T;
-    int pos0;
+    int pad;
     int tok[MAXT];
-    unsigned long long kc[MAX_LAYERS];
-    unsigned long long vc[MAX_LAYERS];
+    int pos[MAXT];
+    unsigned long long kc[MAXT][MAX_LAYERS];
+    unsigned long long vc[MAXT][MAX_LAYERS];
 };
 
 static_assert(sizeof(QMat) == 72, "QMat layout");
 static_assert(sizeof(LayerDev) == 408, "LayerDev layout");
-static_assert(sizeof(StepParams) == 1048, "StepParams layout");
+static_assert(sizeof(StepParams) == 4136, "StepParams layout");
 
 __device__ __forceinline__ int padx(int i) { return (i >> 5) * 36 + (i & 31); }
 __host__ __device__ __forceinline__ int padded_len(int n) { return (n >> 5) * 36; }

@@ -272,7 +272,7 @@ __device__ void qkv_body(const LayerDev* L, const StepParams* sp, int layer, con
 #pragma unroll
             for (int t = 0; t < NT; t++) {
                 if (t < T) {
-                    int pos = sp->pos0 + t;
+                    int pos = sp->pos[t];
                     float a = acc[0][t] + b0, c = acc[1][t] + b1;
                     if (which < 2) {
                         float cs = cos_tab[(size_t)pos * 32 + d], sn = sin_tab[(size_t)pos * 32 + d];
@@ -286,7 +286,7 @@ __device__ void qkv_body(const LayerDev* L, const StepParams* sp, int layer, con
                         qout[(size_t)t * nh * HEAD_DIM + rows[1]] = c;
                     } else {
                         int slot = L->ring ? pos % L->ring : pos;
-                        unsigned long long base = which == 1 ? sp->kc[layer] : sp->vc[layer];
+                        unsigned long long base = which == 1 ? sp->kc[t][layer] : sp->vc[t][layer];
                         if (kvf32) {
                             float* cache = reinterpret_cast<float*>(base);
                             cache[(size_t)slot * kvd + rows[0]] = a;

@@ -5,8 +5,11 @@
 //! `k_linear` (o_proj + residual) → `k_linear` (RMSNorm + router + top-k) → `k_moe_gu`
 //! (selected experts' gate_up + SwiGLU) → `k_moe_dn` (down + weighted sum + residual), and, for
 //! the rows whose logits are wanted, `k_linear` (final RMSNorm + lm_head + greedy argmax).
-//! Batch-1 decode steps replay a CUDA graph of that sequence (all per-step values — token,
-//! position, KV pointers — are read by the kernels from a device-side [`StepParams`]).
+//! Decode tokens of up to MAXT sequences run together as one chunk (the weights are read once
+//! for all of them); launch sequences whose rows all want logits (decode of 1..MAXT sequences)
+//! replay a CUDA graph captured per token count (all per-step values — tokens, positions, KV
+//! pointers of each token's sequence — are read by the kernels from a device-side
+//! [`StepParams`]).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -189,7 +192,8 @@ pub struct CudaBackend {
     pub(crate) plan: SmemPlan,
     opts: CudaOptions,
     seqs: HashMap<SeqId, SeqCache>,
-    graph: Option<Graph>,
+    /// Captured launch sequences by token count (all rows wanting logits), see `run_chunk`.
+    graphs: HashMap<usize, Graph>,
     load: LoadReport,
     pub(crate) scratch: Scratch,
     pub(crate) model: DeviceModel,
@@ -210,7 +214,7 @@ impl Drop for CudaBackend {
     fn drop(&mut self) {
         let _ = self.gpu.bind();
         let _ = self.gpu.sync();
-        self.graph = None;
+        self.graphs.clear();
         self.seqs.clear();
     }
 }
@@ -284,7 +288,7 @@ impl CudaBackend {
             plan,
             opts,
             seqs: HashMap::new(),
-            graph: None,
+            graphs: HashMap::new(),
             load,
             scratch,
             model,
@@ -468,18 +472,29 @@ impl CudaBackend {
         })
     }
 
+    /// StepParams of `tokens` of one sequence at positions `pos0..`.
     pub(crate) fn params(&self, c: &SeqCache, tokens: &[u32], pos0: usize) -> StepParams {
+        let rows: Vec<(&SeqCache, u32, usize)> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| (c, t, pos0 + i))
+            .collect();
+        self.params_of(&rows)
+    }
+
+    /// StepParams of up to MAXT (cache, token, position) rows, each token of its own sequence.
+    pub(crate) fn params_of(&self, rows: &[(&SeqCache, u32, usize)]) -> StepParams {
         let mut sp = StepParams {
-            t: tokens.len() as i32,
-            pos0: pos0 as i32,
+            t: rows.len() as i32,
             ..StepParams::default()
         };
-        for (d, &t) in sp.tok.iter_mut().zip(tokens) {
-            *d = t as i32;
-        }
-        for l in 0..self.dims.layers {
-            sp.kc[l] = c.k[l].ptr;
-            sp.vc[l] = c.v[l].ptr;
+        for (i, &(c, tok, pos)) in rows.iter().enumerate() {
+            sp.tok[i] = tok as i32;
+            sp.pos[i] = pos as i32;
+            for l in 0..self.dims.layers {
+                sp.kc[i][l] = c.k[l].ptr;
+                sp.vc[i][l] = c.v[l].ptr;
+            }
         }
         sp
     }
@@ -756,29 +771,68 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Runs `tokens` (<= MAXT) of a sequence at `pos0`; computes lm_head rows `lm` if asked.
-    fn run_chunk(
-        &mut self,
-        c: &SeqCache,
-        tokens: &[u32],
-        pos0: usize,
-        lm: Option<(usize, usize)>,
-    ) -> Result<(), String> {
-        let sp = self.params(c, tokens, pos0);
+    /// Runs the tokens described by `sp` (<= MAXT; uploaded here); computes lm_head rows `lm` if
+    /// asked. A launch sequence whose rows all want logits (`lm == Some((0, t))`) replays a CUDA
+    /// graph captured for its token count (unless `enforce_eager`): the kernels read every
+    /// per-step value from the device-side StepParams.
+    fn run_chunk(&mut self, sp: &StepParams, lm: Option<(usize, usize)>) -> Result<(), String> {
+        let t = sp.t as usize;
         self.gpu
-            .upload_async(self.scratch.sp.ptr, std::slice::from_ref(&sp))?;
-        if tokens.len() == 1 && lm == Some((0, 1)) && !self.opts.enforce_eager {
-            if self.graph.is_none() {
-                let g = Graph::capture(&self.gpu.stream, || self.record(1, lm))?;
-                self.graph = Some(g);
+            .upload_async(self.scratch.sp.ptr, std::slice::from_ref(sp))?;
+        if lm == Some((0, t)) && !self.opts.enforce_eager {
+            if !self.graphs.contains_key(&t) {
+                let g = Graph::capture(&self.gpu.stream, || self.record(t, lm))?;
+                self.graphs.insert(t, g);
             }
-            self.graph
-                .as_ref()
-                .expect("captured")
-                .launch(&self.gpu.stream)
+            self.graphs[&t].launch(&self.gpu.stream)
         } else {
-            self.record(tokens.len(), lm)
+            self.record(t, lm)
         }
+    }
+
+    /// One decode token for each of up to MAXT sequences (validated), run as one launch
+    /// sequence: the weights are read once for all of them. Returns each one's logits row.
+    fn decode_together(&mut self, rows: &[(SeqId, u32, usize)]) -> Result<Vec<Vec<f32>>, String> {
+        let mut caches = Vec::with_capacity(rows.len());
+        for &(seq, _, pos) in rows {
+            let c = match self.seqs.remove(&seq) {
+                Some(c) => Ok(c),
+                None => self.new_cache(grown_capacity(0, pos + 1, self.model.max_context)),
+            };
+            caches.push(c);
+        }
+        let res = (|| {
+            let mut cs = Vec::with_capacity(rows.len());
+            for c in &mut caches {
+                match c {
+                    Ok(c) => cs.push(c),
+                    Err(e) => return Err(e.clone()),
+                }
+            }
+            for (c, &(_, _, pos)) in cs.iter_mut().zip(rows) {
+                self.grow(c, pos + 1)?;
+            }
+            let params: Vec<(&SeqCache, u32, usize)> = cs
+                .iter()
+                .zip(rows)
+                .map(|(c, &(_, tok, pos))| (&**c, tok, pos))
+                .collect();
+            let sp = self.params_of(&params);
+            self.run_chunk(&sp, Some((0, rows.len())))?;
+            let vocab = self.dims.vocab;
+            let mut all = vec![0f32; rows.len() * vocab];
+            self.gpu.download(&mut all, self.scratch.logits.ptr)?;
+            Ok(all.chunks(vocab).map(|r| r.to_vec()).collect())
+        })();
+        for (c, &(seq, _, pos)) in caches.into_iter().zip(rows) {
+            if let Ok(mut c) = c {
+                if res.is_ok() {
+                    c.len = pos + 1;
+                }
+                self.seqs.insert(seq, c);
+            }
+        }
+        res
     }
 
     /// Feeds `tokens` to `seq` from `start_pos` (already validated); for each chunk with wanted
@@ -811,7 +865,8 @@ impl CudaBackend {
                     }
                     LogitsWanted::Last => None,
                 };
-                self.run_chunk(&c, chunk, start_pos + first_tok, lm)?;
+                let sp = self.params(&c, chunk, start_pos + first_tok);
+                self.run_chunk(&sp, lm)?;
                 if let Some((_, count)) = lm {
                     sink(self, count)?;
                 }
@@ -920,11 +975,12 @@ impl CudaBackend {
             let tokens = vec![0u32; t.min(MAXT)];
             let timer = Timer::new()?;
             let lm = Some((tokens.len() - 1, 1));
-            self.run_chunk(&c, &tokens, c.len, lm)?;
+            let sp = self.params(&c, &tokens, c.len);
+            self.run_chunk(&sp, lm)?;
             let mut times = Vec::new();
             for _ in 0..reps.max(1) {
                 timer.start(&self.gpu.stream)?;
-                self.run_chunk(&c, &tokens, c.len, lm)?;
+                self.run_chunk(&sp, lm)?;
                 times.push(timer.stop_ms(&self.gpu.stream)? as f64);
             }
             times.sort_by(f64::total_cmp);
@@ -994,8 +1050,28 @@ impl Backend for CudaBackend {
         }
         self.gpu.bind().map_err(failed)?;
         let vocab = self.dims.vocab;
-        let mut steps = Vec::with_capacity(batch.steps.len());
-        for s in &batch.steps {
+        let mut steps: Vec<Vec<f32>> = vec![Vec::new(); batch.steps.len()];
+        // Single-token steps (decode) run MAXT sequences at a time, so the weights are read once
+        // per group; the rest (prefill, chunked prefill) and a lone decode step one by one.
+        let decode: Vec<usize> = (0..batch.steps.len())
+            .filter(|&i| batch.steps[i].tokens.len() == 1)
+            .collect();
+        let mut done = vec![false; batch.steps.len()];
+        for group in decode.chunks(MAXT).filter(|g| g.len() > 1) {
+            let rows: Vec<(SeqId, u32, usize)> = group
+                .iter()
+                .map(|&i| {
+                    let s = &batch.steps[i];
+                    (s.seq, s.tokens[0], s.start_pos)
+                })
+                .collect();
+            let out = self.decode_together(&rows).map_err(failed)?;
+            for (&i, row) in group.iter().zip(out) {
+                steps[i] = row;
+                done[i] = true;
+            }
+        }
+        for (i, s) in batch.steps.iter().enumerate().filter(|(i, _)| !done[*i]) {
             let mut rows: Vec<f32> = Vec::new();
             self.feed(s.seq, &s.tokens, s.start_pos, s.want_logits, |b, count| {
                 let start = rows.len();
@@ -1003,7 +1079,7 @@ impl Backend for CudaBackend {
                 b.gpu.download(&mut rows[start..], b.scratch.logits.ptr)
             })
             .map_err(failed)?;
-            steps.push(rows);
+            steps[i] = rows;
         }
         Ok(Logits::new(vocab, steps))
     }

@@ -112,32 +112,36 @@ pub struct LayerDev {
     pub ring: i32,
 }
 
-/// Per-call parameters read by the kernels from device memory (`struct StepParams`).
+/// Per-launch parameters read by the kernels from device memory (`struct StepParams`): up to
+/// [`MAXT`] tokens, each with its id, position and its sequence's K/V cache base per layer (one
+/// sequence's prefill chunk, or the decode tokens of several sequences).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepParams {
     pub t: i32,
-    pub pos0: i32,
+    pub pad: i32,
     pub tok: [i32; MAXT],
-    pub kc: [u64; MAX_LAYERS],
-    pub vc: [u64; MAX_LAYERS],
+    pub pos: [i32; MAXT],
+    pub kc: [[u64; MAX_LAYERS]; MAXT],
+    pub vc: [[u64; MAX_LAYERS]; MAXT],
 }
 
 impl Default for StepParams {
     fn default() -> Self {
         StepParams {
             t: 0,
-            pos0: 0,
+            pad: 0,
             tok: [0; MAXT],
-            kc: [0; MAX_LAYERS],
-            vc: [0; MAX_LAYERS],
+            pos: [0; MAXT],
+            kc: [[0; MAX_LAYERS]; MAXT],
+            vc: [[0; MAX_LAYERS]; MAXT],
         }
     }
 }
 
 const _: () = assert!(std::mem::size_of::<QMat>() == 72);
 const _: () = assert!(std::mem::size_of::<LayerDev>() == 408);
-const _: () = assert!(std::mem::size_of::<StepParams>() == 1048);
+const _: () = assert!(std::mem::size_of::<StepParams>() == 4136);
 
 /// Floats of the padded shared-memory layout of an `n`-vector (see common.cuh).
 pub fn padded_len(n: usize) -> usize {
