@@ -3,7 +3,14 @@
 // f32 accumulate; sm_80). Why tensor cores for a matrix-vector product: the GEMV kernels of
 // gemv.cu spend ~3.3 instructions per 4-bit weight (byte extraction, table lookup, FMA) and stall
 // on instruction issue at ~1 TB/s; here one PRMT + one LDS.64 decode two weights (both their
-// bf16 halves) and one HMMA does 256 multiply-adds, so the kernels can follow HBM.
+// bf16 halves) and one HMMA does 128 multiply-adds of them, 42 % fewer instructions in all.
+//
+// Status (bench/CUDA.md, v7): correct (≤ 6e-6 relative vs the f32 reference) but, at batch 1,
+// no faster than the GEMV kernels (H100: gate_up 0.795 vs 0.850 ms, down 0.65 vs 0.60 ms per
+// token), so opt-in (GPTOSS_CUDA_MOE_MMA=1). ncu: warps wait on the table LDS (short scoreboard,
+// ~31 %), on global loads (~19 %) and on fixed-latency dependencies (~16 %), with 5.4 warps per
+// scheduler (gate_up) and 2.7 (down: 180 blocks for 132 SMs): latency-bound, not bandwidth-bound.
+// The layout (tokens as B columns) is the one a multi-token expert GEMM needs (issue 5).
 //
 // ## Exactness: hi/lo bf16 splits
 // bf16 keeps 8 significant bits, not enough for the NF4 code values (e.g. 0.7229568362236023) or
