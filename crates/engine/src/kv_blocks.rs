@@ -17,12 +17,15 @@
 //! depends on the number of layers of that kind ([`KvLayout::block_bytes`]).
 //!
 //! **Source of truth.** The [`KvBlockManager`] decides admission and preemption for every
-//! backend. The CPU reference backend still stores each sequence's K/V in its own growable
-//! buffers, so for it the block tables are pure accounting (the numbers it reports are exact:
-//! they are what a paged store would hold). The CUDA backend will store K/V *in* these blocks:
-//! it allocates `num_blocks` slots per pool up front and reads each sequence's block table
-//! ([`KvBlockManager::block_table`]) to find its keys; sliding layers then index their table as
-//! a window of logical blocks (`logical = position / block_size`, see [`BlockTable`]).
+//! backend. Both backends still store each sequence's K/V in their own per-sequence buffers, so
+//! the block tables are accounting (the numbers are exact: they are what a paged store would
+//! hold). The CUDA backend allocates each sequence's full-attention cache in steps of 256
+//! positions, so a sequence holds at most one step more than its blocks count, and `serve`
+//! reserves that slack when it sizes the pools from `--gpu-memory-utilization`. A paged store
+//! (`num_blocks` slots per pool allocated up front, attention reading each sequence's block
+//! table, [`KvBlockManager::block_table`]; sliding layers indexing theirs as a window of logical
+//! blocks, `logical = position / block_size`, see [`BlockTable`]) belongs with the paged-KV
+//! attention of the tensor-core prefill work.
 //!
 //! **Chunked prefill and the window.** While a prefill chunk `[start, end)` runs, the sliding
 //! layers must hold the keys of the whole chunk plus the `window - 1` keys before its first
