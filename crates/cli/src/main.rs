@@ -29,7 +29,8 @@ enum Command {
     Chat(commands::chat::Args),
     /// Write the logits of a token sequence to a safetensors file.
     Logits(commands::logits::Args),
-    /// Measure prefill and decode speed on the GPU against the memory-bandwidth roofline.
+    /// Measure prefill and decode throughput, one sequence or N together (on a GPU: against the
+    /// memory-bandwidth roofline).
     Bench(commands::bench::Args),
     /// Serve an OpenAI-compatible HTTP API (chat, completions, responses) with continuous batching.
     Serve(commands::serve::Args),

@@ -247,3 +247,129 @@ fn logits_with_two_shards_match_one() {
     .unwrap_err();
     assert!(err.contains("num_key_value_heads"), "{err}");
 }
+
+/// Runs `gptoss bench` on the tiny fixture on the CPU: the JSON report, or the exit code and
+/// stderr.
+fn run_bench(extra: &[&str]) -> Result<serde_json::Value, (Option<i32>, String)> {
+    let out = gptoss()
+        .arg("bench")
+        .arg(repo("fixtures/tiny-unsloth-nf4"))
+        .args(["--device", "cpu"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{err}");
+    if !out.status.success() {
+        return Err((out.status.code(), err));
+    }
+    if !extra.contains(&"--json") {
+        return Ok(serde_json::Value::String(
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ));
+    }
+    Ok(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+#[test]
+fn bench_on_the_cpu_measures_batches_and_batching_keeps_greedy_tokens() {
+    let v = run_bench(&[
+        "--batch",
+        "1,3",
+        "--prompt-len",
+        "16,9",
+        "--gen-len",
+        "4",
+        "--json",
+        "--print-tokens",
+    ])
+    .unwrap_or_else(|(_, e)| panic!("{e}"));
+    assert_eq!(v["device"], "cpu");
+    assert_eq!(v["backend"], "cpu-reference");
+    assert_eq!(v["batch_sizes"], serde_json::json!([1, 3]));
+    assert!(v["gpu"].is_null() && v["read_bandwidth_gb_s"].is_null());
+    assert_eq!(v["runs"], serde_json::json!([]));
+    let b = v["batches"].as_array().unwrap();
+    // prompt-major, batch sizes in --batch order
+    let order: Vec<(u64, u64)> = b
+        .iter()
+        .map(|e| {
+            (
+                e["prompt_len"].as_u64().unwrap(),
+                e["batch"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(order, [(16, 1), (16, 3), (9, 1), (9, 3)]);
+    for e in b {
+        let n = e["batch"].as_u64().unwrap() as usize;
+        assert_eq!(e["path"], "forward");
+        assert_eq!(e["gen_len"], 4);
+        for k in [
+            "prefill_s",
+            "prefill_tok_s",
+            "decode_s",
+            "decode_tok_s",
+            "per_seq_tok_s",
+            "ms_per_step",
+            "speedup_vs_batch1",
+        ] {
+            let x = e[k].as_f64().unwrap_or_else(|| panic!("{k}: {e}"));
+            assert!(x.is_finite() && x > 0.0, "{k} = {x}");
+        }
+        let (agg, per_seq) = (
+            e["decode_tok_s"].as_f64().unwrap(),
+            e["per_seq_tok_s"].as_f64().unwrap(),
+        );
+        assert!((agg - n as f64 * per_seq).abs() <= 1e-9 * agg, "{e}");
+        if n == 1 {
+            assert_eq!(e["speedup_vs_batch1"], 1.0);
+        }
+        // one row of greedy tokens per sequence: after the prompt, the warm-up step, 4 timed steps
+        let tokens = e["tokens"].as_array().unwrap();
+        assert_eq!(tokens.len(), n);
+        assert!(tokens.iter().all(|t| t.as_array().unwrap().len() == 6));
+    }
+    for (alone, batched) in [(&b[0], &b[1]), (&b[2], &b[3])] {
+        // sequence 0 has the same prompt alone and in the batch of 3: the same greedy tokens
+        assert_eq!(
+            alone["tokens"][0], batched["tokens"][0],
+            "greedy tokens changed when batched"
+        );
+        // the three sequences have different prompts
+        assert_ne!(batched["tokens"][0], batched["tokens"][1]);
+    }
+
+    // The table: a header and one row per (prompt, batch), GPU-only columns as "-".
+    let text = run_bench(&["--batch", "2", "--prompt-len", "5", "--gen-len", "2"])
+        .unwrap_or_else(|(_, e)| panic!("{e}"));
+    let text = text.as_str().unwrap();
+    assert!(
+        text.contains("speed-up") && text.contains("ms/step"),
+        "{text}"
+    );
+    let row = text.lines().find(|l| l.starts_with("2 ")).unwrap();
+    assert!(row.contains(" - "), "{row}");
+}
+
+#[test]
+fn bench_rejects_bad_flags_clearly() {
+    for (args, want) in [
+        (&["--batch", "0"][..], "--batch"),
+        (&["--batch", "1,,3"][..], "--batch"),
+        (&["--batch", ""][..], "--batch"),
+        (&["--batch", "2,2"][..], "--batch"),
+        (&["--gen-len", "0"][..], "--gen-len"),
+        (&["--prompt-len", "8,0"][..], "--prompt-len"),
+        (&["--prompt-len", "200000"][..], "context"),
+        (&["--device", "tpu"][..], "--device"),
+    ] {
+        match run_bench(args) {
+            Ok(_) => panic!("{args:?} was accepted"),
+            Err((code, err)) => {
+                assert!(code.is_some_and(|c| c != 0), "{args:?}: {code:?}");
+                assert!(err.contains(want), "{args:?}: {err}");
+            }
+        }
+    }
+}
