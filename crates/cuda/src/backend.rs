@@ -5,11 +5,10 @@
 //! `k_linear` (o_proj + residual) → `k_linear` (RMSNorm + router + top-k) → `k_moe_gu`
 //! (selected experts' gate_up + SwiGLU) → `k_moe_dn` (down + weighted sum + residual), and, for
 //! the rows whose logits are wanted, `k_linear` (final RMSNorm + lm_head + greedy argmax).
-//! Decode tokens of up to MAXT sequences run together as one chunk (the weights are read once
-//! for all of them); launch sequences whose rows all want logits (decode of 1..MAXT sequences)
-//! replay a CUDA graph captured per token count (all per-step values — tokens, positions, KV
-//! pointers of each token's sequence — are read by the kernels from a device-side
-//! [`StepParams`]).
+//! Decode tokens of up to MAXT sequences run together as one chunk (the dense weights are read
+//! once for all of them); batch-1 decode steps replay a captured CUDA graph (all per-step values
+//! — tokens, positions, KV pointers of each token's sequence — are read by the kernels from a
+//! device-side [`StepParams`]).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -192,7 +191,7 @@ pub struct CudaBackend {
     pub(crate) plan: SmemPlan,
     opts: CudaOptions,
     seqs: HashMap<SeqId, SeqCache>,
-    /// Captured launch sequences by token count (all rows wanting logits), see `run_chunk`.
+    /// Captured launch sequences by token count (only 1 today), see `run_chunk`.
     graphs: HashMap<usize, Graph>,
     load: LoadReport,
     pub(crate) scratch: Scratch,
@@ -772,14 +771,16 @@ impl CudaBackend {
     }
 
     /// Runs the tokens described by `sp` (<= MAXT; uploaded here); computes lm_head rows `lm` if
-    /// asked. A launch sequence whose rows all want logits (`lm == Some((0, t))`) replays a CUDA
-    /// graph captured for its token count (unless `enforce_eager`): the kernels read every
-    /// per-step value from the device-side StepParams.
+    /// asked. A single-token step (batch-1 decode) replays a captured CUDA graph (unless
+    /// `enforce_eager`): the kernels read every per-step value from the device-side StepParams.
+    /// Multi-token launch sequences run eagerly: a graph of the 4-token decode of 4 sequences
+    /// measured slower than its eager launches (11.4 vs 8.4 ms per step on the H100, cause not
+    /// found yet; bench/CUDA.md).
     fn run_chunk(&mut self, sp: &StepParams, lm: Option<(usize, usize)>) -> Result<(), String> {
         let t = sp.t as usize;
         self.gpu
             .upload_async(self.scratch.sp.ptr, std::slice::from_ref(sp))?;
-        if lm == Some((0, t)) && !self.opts.enforce_eager {
+        if t == 1 && lm == Some((0, 1)) && !self.opts.enforce_eager {
             if !self.graphs.contains_key(&t) {
                 let g = Graph::capture(&self.gpu.stream, || self.record(t, lm))?;
                 self.graphs.insert(t, g);
