@@ -191,8 +191,8 @@ pub struct CudaBackend {
     pub(crate) plan: SmemPlan,
     opts: CudaOptions,
     seqs: HashMap<SeqId, SeqCache>,
-    /// Captured launch sequences by token count (only 1 today), see `run_chunk`.
-    graphs: HashMap<usize, Graph>,
+    /// The captured batch-1 decode step, see `run_chunk`.
+    graph: Option<Graph>,
     load: LoadReport,
     pub(crate) scratch: Scratch,
     pub(crate) model: DeviceModel,
@@ -213,7 +213,7 @@ impl Drop for CudaBackend {
     fn drop(&mut self) {
         let _ = self.gpu.bind();
         let _ = self.gpu.sync();
-        self.graphs.clear();
+        self.graph = None;
         self.seqs.clear();
     }
 }
@@ -287,7 +287,7 @@ impl CudaBackend {
             plan,
             opts,
             seqs: HashMap::new(),
-            graphs: HashMap::new(),
+            graph: None,
             load,
             scratch,
             model,
@@ -781,11 +781,13 @@ impl CudaBackend {
         self.gpu
             .upload_async(self.scratch.sp.ptr, std::slice::from_ref(sp))?;
         if t == 1 && lm == Some((0, 1)) && !self.opts.enforce_eager {
-            if !self.graphs.contains_key(&t) {
-                let g = Graph::capture(&self.gpu.stream, || self.record(t, lm))?;
-                self.graphs.insert(t, g);
+            if self.graph.is_none() {
+                self.graph = Some(Graph::capture(&self.gpu.stream, || self.record(1, lm))?);
             }
-            self.graphs[&t].launch(&self.gpu.stream)
+            self.graph
+                .as_ref()
+                .expect("captured")
+                .launch(&self.gpu.stream)
         } else {
             self.record(t, lm)
         }

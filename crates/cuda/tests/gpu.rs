@@ -4,7 +4,7 @@
 //! - every kernel against the CPU reference on random data of the real 20b shapes (fresh random
 //!   weights and inputs each run; each kernel is fed the GPU's own inputs of that stage so an
 //!   error is attributed to one kernel; every output element is compared);
-//! - a 2-layer random model of 20b width (NF4/MXFP4/bf16/f16/f32 matrices): logits vs the
+//! - a 3-layer random model of 20b width (NF4/MXFP4/bf16/f16/f32 matrices): logits vs the
 //!   reference model over a chunked prompt and decode steps;
 //! - the fixture checkpoints: GPU logits vs the CPU backend ≤ 1e-2 relative and the same greedy
 //!   tokens for 32 steps (also through the CUDA-graph greedy path);
@@ -681,7 +681,7 @@ fn kernels_match_reference_at_20b_shapes() {
     );
     let w = rm.weights();
     println!(
-        "random 2-layer 20b-width model built in {:.1} s",
+        "random 3-layer 20b-width model built in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
     let mut be = CudaBackend::from_weights(
