@@ -48,6 +48,8 @@ pub struct BackendOptions {
     pub enforce_eager: bool,
     /// Shards for tensor/expert parallelism (`-tp N`); 0 or 1 = one device.
     pub tensor_parallel_size: usize,
+    /// Element type of the CUDA KV cache (`--kv-cache-dtype`); `None` = the backend's default.
+    pub kv_cache_dtype: Option<gptoss_cuda::KvDtype>,
 }
 
 /// Opens the backend for `device`: `cuda` fails clearly without a usable GPU; `auto` takes the
@@ -76,6 +78,9 @@ pub fn open_backend(
         };
         if let Some(n) = opts.max_context {
             o.max_context = n;
+        }
+        if let Some(kv) = opts.kv_cache_dtype {
+            o.kv_dtype = kv;
         }
         Ok(Box::new(gptoss_cuda::CudaBackend::open(dir, o)?))
     };

@@ -5,7 +5,8 @@
 //
 // k_attn  grid (nkv, smax, T), block 256 (8 warps; warp w = query head g*G + w of KV head g,
 //         G = nh/nkv <= 8), static smem ~35 KB.
-//   Data: q [T, nh*64] f32 (already rotated); cache K/V bf16 (f32 when kvf32) [slot][nkv*64], slot = j
+//   Data: q [T, nh*64] f32 (already rotated); cache K/V in kvmode's type (KV_BF16 / KV_F16 / KV_F32,
+//         common.cuh) [slot][nkv*64], slot = j
 //         (full layers) or j % ring (sliding layers); sinks f32 [nh]; out [T, nh*64] f32.
 //   Query t at position p sees keys j in [lo, p], lo = max(0, p - window + 1) on sliding layers
 //   (128 keys including itself), 0 otherwise. The keys are split into `active` chunks of
@@ -22,11 +23,46 @@
 #define TILE 64
 #define PART 66  // floats per partial: m, l, o[64]
 
+// Element 0 / 1 of a pair of 16-bit cache values (f16 when F16, else bf16) as f32.
+template <bool F16>
+__device__ __forceinline__ float kv_lo(unsigned w) { return F16 ? h_lo(w) : bf_lo(w); }
+template <bool F16>
+__device__ __forceinline__ float kv_hi(unsigned w) { return F16 ? h_hi(w) : bf_hi(w); }
+
+// Scores of keys lane and lane+32 of a 16-bit K tile (pairs, [64][33 words]) against q (64 f32).
+template <bool F16>
+__device__ __forceinline__ void score16(const unsigned* Ks, const float* qw, int lane, float& s0, float& s1) {
+    const unsigned* k0 = Ks + lane * 33;
+    const unsigned* k1 = Ks + (lane + 32) * 33;
+#pragma unroll
+    for (int d2 = 0; d2 < 32; d2++) {
+        float qa = qw[2 * d2], qb = qw[2 * d2 + 1];
+        unsigned w0 = k0[d2], w1 = k1[d2];
+        s0 = fmaf(qa, kv_lo<F16>(w0), s0); s0 = fmaf(qb, kv_hi<F16>(w0), s0);
+        s1 = fmaf(qa, kv_lo<F16>(w1), s1); s1 = fmaf(qb, kv_hi<F16>(w1), s1);
+    }
+}
+
+// o (dims 2*lane, 2*lane+1) += p . V over a 16-bit V tile ([64][32 words]); p0/p1 are the
+// probabilities of keys lane / lane+32, broadcast by shuffles.
+template <bool F16>
+__device__ __forceinline__ void accum16(const unsigned* Vs, float p0, float p1, int lane, float& o0, float& o1) {
+#pragma unroll 8
+    for (int jj = 0; jj < 32; jj++) {
+        float pa = __shfl_sync(0xffffffffu, p0, jj);
+        float pb = __shfl_sync(0xffffffffu, p1, jj);
+        unsigned va = Vs[jj * 32 + lane], vb = Vs[(jj + 32) * 32 + lane];
+        o0 = fmaf(pa, kv_lo<F16>(va), o0); o0 = fmaf(pb, kv_lo<F16>(vb), o0);
+        o1 = fmaf(pa, kv_hi<F16>(va), o1); o1 = fmaf(pb, kv_hi<F16>(vb), o1);
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(256) k_attn(const LayerDev* L, const StepParams* sp, int layer, const float* q,
                                        float* out, float* part, unsigned* counters, int nh, int nkv, int smax,
-                                       int kvf32) {
-    // K/V tiles. bf16 cache: K as bf16 pairs [64][33 words], V as bf16 [64][64] (uint4 [64][8]).
-    // f32 cache (kvf32): K f32 [64][65], V f32 [64][64].
+                                       int kvmode) {
+    // K/V tiles. 16-bit cache (bf16 / f16): K as pairs [64][33 words], V [64][64] (uint4 [64][8]).
+    // f32 cache: K f32 [64][65], V f32 [64][64].
+    const bool kvf32 = kvmode == KV_F32, f16 = kvmode == KV_F16;
     __shared__ __align__(16) float kv_smem[TILE * 65 + TILE * 64];
     __shared__ float qs[WARPS][HEAD_DIM];
     __shared__ int last_s;
@@ -110,16 +146,10 @@ extern "C" __global__ void __launch_bounds__(256) k_attn(const LayerDev* L, cons
                     s0 = fmaf(qd, k0[d], s0);
                     s1 = fmaf(qd, k1[d], s1);
                 }
+            } else if (f16) {
+                score16<true>(Ks, qs[warp], lane, s0, s1);
             } else {
-                const unsigned* k0 = Ks + lane * 33;
-                const unsigned* k1 = Ks + (lane + 32) * 33;
-#pragma unroll
-                for (int d2 = 0; d2 < 32; d2++) {
-                    float qa = qs[warp][2 * d2], qb = qs[warp][2 * d2 + 1];
-                    unsigned w0 = k0[d2], w1 = k1[d2];
-                    s0 = fmaf(qa, bf_lo(w0), s0); s0 = fmaf(qb, bf_hi(w0), s0);
-                    s1 = fmaf(qa, bf_lo(w1), s1); s1 = fmaf(qb, bf_hi(w1), s1);
-                }
+                score16<false>(Ks, qs[warp], lane, s0, s1);
             }
             if (ts + lane >= ke) s0 = -INFINITY;
             if (ts + lane + 32 >= ke) s1 = -INFINITY;
@@ -139,15 +169,10 @@ extern "C" __global__ void __launch_bounds__(256) k_attn(const LayerDev* L, cons
                     o0 = fmaf(pa, va.x, o0); o0 = fmaf(pb, vb.x, o0);
                     o1 = fmaf(pa, va.y, o1); o1 = fmaf(pb, vb.y, o1);
                 }
+            } else if (f16) {
+                accum16<true>(Vs, p0, p1, lane, o0, o1);
             } else {
-#pragma unroll 8
-                for (int jj = 0; jj < 32; jj++) {
-                    float pa = __shfl_sync(0xffffffffu, p0, jj);
-                    float pb = __shfl_sync(0xffffffffu, p1, jj);
-                    unsigned va = Vs[jj * 32 + lane], vb = Vs[(jj + 32) * 32 + lane];
-                    o0 = fmaf(pa, bf_lo(va), o0); o0 = fmaf(pb, bf_lo(vb), o0);
-                    o1 = fmaf(pa, bf_hi(va), o1); o1 = fmaf(pb, bf_hi(vb), o1);
-                }
+                accum16<false>(Vs, p0, p1, lane, o0, o1);
             }
             m_run = m_new;
         }

@@ -37,6 +37,11 @@
 #define HEAD_DIM 64
 #define PF 2          // units prefetched ahead by the GEMV kernels
 
+// KV cache element types (the `kvmode` argument of k_qkv / k_attn).
+#define KV_BF16 0
+#define KV_F32 1
+#define KV_F16 2
+
 #define K_BF16 0
 #define K_F16 1
 #define K_F32 2
@@ -102,6 +107,15 @@ __device__ __forceinline__ unsigned short f2bf(float f) {
     if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
     u += 0x7fffu + ((u >> 16) & 1u);
     return (unsigned short)(u >> 16);
+}
+
+// f32 -> f16 bits, round to nearest even; finite values beyond f16's range saturate to
+// +-65504 instead of becoming infinities (NaN stays NaN).
+__device__ __forceinline__ unsigned short f2h(float f) {
+    if (fabsf(f) > 65504.f) f = copysignf(65504.f, f);
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
 }
 
 __device__ __forceinline__ uint4 ldg16(const void* p) {

@@ -19,7 +19,7 @@
 //                h = rmsnorm(x, in_norm); units = q (nh*32), k (nkv*32), v (nkv*32) row pairs
 //                (r, r+32) of one head: q/k rotated with YaRN RoPE (rotate-half, the f32 cos/sin
 //                tables [pos][32] of the CPU reference), q -> qout [T, nh*64] f32, k/v -> the
-//                layer's KV cache (bf16, or f32 when kvf32) at slot pos (pos % ring on sliding
+//                layer's KV cache (kvmode: bf16, f16 or f32) at slot pos (pos % ring on sliding
 //                layers).
 // k_moe_gu       grid (gx, T*K), block 256, dyn smem = padded(H)*4 + 64.
 //                job j = (t, k) = (j / K, j % K), expert e = sel[j]; unit i < I = rows (2i, 2i+1)
@@ -229,7 +229,7 @@ __device__ __forceinline__ void qkv_unit(int u, int nq, int nk, int& which, int&
 
 template <int NT>
 __device__ void qkv_body(const LayerDev* L, const StepParams* sp, int layer, const float* x, int H, int nh,
-                         int nkv, float eps, float* qout, const float* cos_tab, const float* sin_tab, int kvf32) {
+                         int nkv, float eps, float* qout, const float* cos_tab, const float* sin_tab, int kvmode) {
     float* smem = reinterpret_cast<float*>(smem4);
     const int xstride = padded_len(H);
     float* xs = smem;
@@ -287,10 +287,14 @@ __device__ void qkv_body(const LayerDev* L, const StepParams* sp, int layer, con
                     } else {
                         int slot = L->ring ? pos % L->ring : pos;
                         unsigned long long base = which == 1 ? sp->kc[t][layer] : sp->vc[t][layer];
-                        if (kvf32) {
+                        if (kvmode == KV_F32) {
                             float* cache = reinterpret_cast<float*>(base);
                             cache[(size_t)slot * kvd + rows[0]] = a;
                             cache[(size_t)slot * kvd + rows[1]] = c;
+                        } else if (kvmode == KV_F16) {
+                            unsigned short* cache = reinterpret_cast<unsigned short*>(base);
+                            cache[(size_t)slot * kvd + rows[0]] = f2h(a);
+                            cache[(size_t)slot * kvd + rows[1]] = f2h(c);
                         } else {
                             unsigned short* cache = reinterpret_cast<unsigned short*>(base);
                             cache[(size_t)slot * kvd + rows[0]] = f2bf(a);
@@ -305,14 +309,14 @@ __device__ void qkv_body(const LayerDev* L, const StepParams* sp, int layer, con
 
 extern "C" __global__ void __launch_bounds__(256, 3) k_qkv_1(const LayerDev* L, const StepParams* sp, int layer, const float* x,
                                         int H, int nh, int nkv, float eps, float* qout, const float* cos_tab,
-                                        const float* sin_tab, int kvf32) {
-    qkv_body<1>(L, sp, layer, x, H, nh, nkv, eps, qout, cos_tab, sin_tab, kvf32);
+                                        const float* sin_tab, int kvmode) {
+    qkv_body<1>(L, sp, layer, x, H, nh, nkv, eps, qout, cos_tab, sin_tab, kvmode);
 }
 
 extern "C" __global__ void __launch_bounds__(256) k_qkv_4(const LayerDev* L, const StepParams* sp, int layer, const float* x,
                                         int H, int nh, int nkv, float eps, float* qout, const float* cos_tab,
-                                        const float* sin_tab, int kvf32) {
-    qkv_body<4>(L, sp, layer, x, H, nh, nkv, eps, qout, cos_tab, sin_tab, kvf32);
+                                        const float* sin_tab, int kvmode) {
+    qkv_body<4>(L, sp, layer, x, H, nh, nkv, eps, qout, cos_tab, sin_tab, kvmode);
 }
 
 // Units of k_moe_gu: rows (2i, 2i+1) = (gate_i, up_i) -> act[j, i].

@@ -22,8 +22,8 @@ use gptoss_formats::{Checkpoint, GptOssConfig, ModelWeights};
 
 use crate::driver::{DevBuf, DeviceInfo, Event, Gpu, Graph, Timer};
 use crate::kernels::{
-    Dims, F_ARGMAX, F_NORM, F_RESID, F_TOPK, F_WRITE_NORMED, K_BF16, Kernels, LinearExtra, MAXT,
-    PART, RP_MAXB, RP_MAXE, SMAX, SmemPlan, StepParams,
+    Dims, F_ARGMAX, F_NORM, F_RESID, F_TOPK, F_WRITE_NORMED, K_BF16, Kernels, KvDtype, LinearExtra,
+    MAXT, PART, RP_MAXB, RP_MAXE, SMAX, SmemPlan, StepParams,
 };
 use crate::upload::{DeviceModel, RING_EXTRA, ReadBytes};
 
@@ -39,9 +39,10 @@ pub struct CudaOptions {
     pub enforce_eager: bool,
     /// The most tokens one batch may feed.
     pub max_batch_tokens: usize,
-    /// Keep the KV cache in f32 instead of bf16 (twice the cache memory and attention reads;
-    /// bit-for-bit the reference's attention inputs).
-    pub kv_f32: bool,
+    /// Element type of the KV cache (bf16 by default; f16 is 8x closer to the f32 reference; f32
+    /// doubles the cache memory and attention reads but gives bit-for-bit the reference's
+    /// attention inputs).
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for CudaOptions {
@@ -51,7 +52,7 @@ impl Default for CudaOptions {
             max_context: 32768,
             enforce_eager: false,
             max_batch_tokens: 65536,
-            kv_f32: false,
+            kv_dtype: KvDtype::default(),
         }
     }
 }
@@ -158,8 +159,8 @@ impl KvView {
 /// Per full-attention layer: its index, where its K and where its V start.
 type FullViews = Vec<(usize, KvView, KvView)>;
 
-/// The KV cache of one sequence: per layer, K and V of `[slots, kv_dim]` (bf16, or f32 with
-/// [`CudaOptions::kv_f32`]); `slots` is `cap` for full-attention layers and
+/// The KV cache of one sequence: per layer, K and V of `[slots, kv_dim]` (elements of
+/// [`CudaOptions::kv_dtype`]); `slots` is `cap` for full-attention layers and
 /// `sliding_window + RING_EXTRA` (a ring) for sliding ones.
 ///
 /// Two device allocations per sequence (so that per-allocation rounding costs at most two
@@ -249,7 +250,7 @@ impl CudaBackend {
             eps: cfg.rms_norm_eps as f32,
             alpha: gptoss_formats::config::SWIGLU_ALPHA,
             limit: cfg.swiglu_limit as f32,
-            kv_f32: opts.kv_f32,
+            kv: opts.kv_dtype,
         };
         let plan = SmemPlan::new(dims.h, dims.q_dim, dims.inter, dims.k);
         let k = Kernels::load(&gpu, &plan).map_err(failed)?;

@@ -4,7 +4,7 @@
 use gptoss_engine::backend::BackendError;
 
 use crate::backend::CudaBackend;
-use crate::kernels::{LayerDev, MAXT};
+use crate::kernels::{KvDtype, LayerDev, MAXT};
 use crate::upload::RING_EXTRA;
 
 /// Every intermediate of one layer for `T` tokens.
@@ -31,14 +31,24 @@ pub struct LayerTrace {
     pub x_out: Vec<f32>,
 }
 
-fn bf16_bits(x: f32) -> u16 {
-    half::bf16::from_f32(x).to_bits()
+/// `v` as the 16-bit cache stores it (bits), and back.
+fn kv_bits(kv: KvDtype, v: f32) -> u16 {
+    match kv {
+        KvDtype::F16 => half::f16::from_f32(kv.round(v)).to_bits(),
+        _ => half::bf16::from_f32(v).to_bits(),
+    }
+}
+fn kv_from_bits(kv: KvDtype, b: u16) -> f32 {
+    match kv {
+        KvDtype::F16 => half::f16::from_bits(b).to_f32(),
+        _ => half::bf16::from_bits(b).to_f32(),
+    }
 }
 
 impl CudaBackend {
     /// Runs layer `l` on `x` (`[T, H]`, T <= MAXT) at positions `pos0..`, over a fresh cache
     /// whose positions `0..pos0` of layer `l` hold `k_prefix` / `v_prefix` (`[pos0, kv_dim]`,
-    /// rounded to bf16 unless the cache is f32), kernel by kernel.
+    /// rounded to the cache's element type), kernel by kernel.
     #[doc(hidden)]
     pub fn debug_layer(
         &mut self,
@@ -83,10 +93,10 @@ impl CudaBackend {
                     host[s * d.kv_dim..(s + 1) * d.kv_dim]
                         .copy_from_slice(&prefix[j * d.kv_dim..(j + 1) * d.kv_dim]);
                 }
-                if d.kv_f32 {
+                if d.kv == KvDtype::F32 {
                     self.gpu.upload(buf.ptr, &host)?;
                 } else {
-                    let bits: Vec<u16> = host.iter().map(|&v| bf16_bits(v)).collect();
+                    let bits: Vec<u16> = host.iter().map(|&v| kv_bits(d.kv, v)).collect();
                     self.gpu.upload(buf.ptr, &bits)?;
                 }
             }
@@ -120,14 +130,14 @@ impl CudaBackend {
             for ti in 0..t {
                 for (buf, out) in [(&c.k[l], &mut tr.k_new), (&c.v[l], &mut tr.v_new)] {
                     let at = buf.at(slot(pos0 + ti) * d.kv_dim * d.kv_elem());
-                    if d.kv_f32 {
+                    if d.kv == KvDtype::F32 {
                         let mut v = vec![0f32; d.kv_dim];
                         self.gpu.download(&mut v, at)?;
                         out.extend(v);
                     } else {
                         let mut bits = vec![0u16; d.kv_dim];
                         self.gpu.download(&mut bits, at)?;
-                        out.extend(bits.iter().map(|&b| half::bf16::from_bits(b).to_f32()));
+                        out.extend(bits.iter().map(|&b| kv_from_bits(d.kv, b)));
                     }
                 }
             }

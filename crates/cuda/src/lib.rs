@@ -24,6 +24,7 @@ pub mod upload;
 
 pub use backend::{CudaBackend, CudaOptions, LoadReport};
 pub use driver::DeviceInfo;
+pub use kernels::KvDtype;
 pub use upload::ReadBytes;
 
 /// Whether a CUDA driver with at least one GPU can be used here (never panics).

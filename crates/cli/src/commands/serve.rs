@@ -71,6 +71,10 @@ pub struct Args {
     /// Disable CUDA graphs (CUDA; accepted and ignored on the CPU).
     #[arg(long)]
     pub enforce_eager: bool,
+    /// Element type of the KV cache on the GPU: auto (= bf16), bf16, f16 (closer to the f32
+    /// reference; not yet validated on a GPU) or f32 (CUDA; the CPU reference keeps f32).
+    #[arg(long, value_name = "DTYPE")]
+    pub kv_cache_dtype: Option<gptoss_cuda::KvDtype>,
     /// Split the model over N shards (attention heads, experts and vocabulary; vLLM's flag).
     /// CPU backend only so far.
     #[arg(
@@ -121,6 +125,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             max_context: a.max_model_len,
             enforce_eager: a.enforce_eager,
             tensor_parallel_size: a.tensor_parallel_size,
+            kv_cache_dtype: a.kv_cache_dtype,
         },
     )?;
     if a.enforce_eager && backend.name() != "cuda" {
