@@ -24,14 +24,17 @@ fi
 gencode=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_86,code=sm_86
          -gencode arch=compute_89,code=sm_89 -gencode arch=compute_90,code=sm_90
          -gencode arch=compute_80,code=compute_80)
-for src in gemv attention bandwidth moe_mma; do
+all=(gemv attention bandwidth moe_mma flash_attn moe_gemm wide)
+# `build_kernels.sh NAME...` rebuilds only those fatbins (the hashes are always recorded for all).
+only=("$@")
+for src in "${only[@]:-${all[@]}}"; do
   "$NVCC" -fatbin -O3 -std=c++17 "${gencode[@]}" ${NVCC_EXTRA:-} -o "$out/$src.fatbin" "$kdir/$src.cu"
 done
 # Resource report (registers, spills) for sm_90, for the record.
 if [[ -n "${REPORT:-}" ]]; then
-  for src in gemv attention moe_mma; do
+  for src in "${only[@]:-${all[@]}}"; do
     "$NVCC" -cubin -O3 -std=c++17 -arch=sm_90 -Xptxas -v -o /dev/null "$kdir/$src.cu" 2>&1 | grep -E "Function properties|registers|spill|Compiling entry" || true
   done
 fi
-(cd "$kdir" && sha256sum common.cuh gemv.cu attention.cu bandwidth.cu moe_mma.cu > SOURCES.sha256)
+(cd "$kdir" && sha256sum common.cuh gemv.cu attention.cu bandwidth.cu moe_mma.cu flash_attn.cu moe_gemm.cu wide.cu > SOURCES.sha256)
 ls -la "$out"

@@ -84,6 +84,22 @@ struct StepParams {
     unsigned long long vc[MAXT][MAX_LAYERS];
 };
 
+// SegDev: one sequence's part of a wide launch (T > MAXT tokens: a long prefill chunk, or the
+//   decode tokens of many sequences). Its nq tokens are launch rows q0 .. q0+nq-1 at consecutive
+//   positions pos0 .. pos0+nq-1; its cache (kc/vc per layer, [slot][nkv*64] in the KV element
+//   type, slot = pos or pos % ring) holds the positions before pos0. The launch's own K/V are
+//   kept apart ("fresh", [T][nkv*64]) until attention has read them (wide.cu k_kv_store).
+#define MAX_SEGS 64
+struct SegDev {
+    int q0;
+    int nq;
+    int pos0;
+    int pad;
+    unsigned long long kc[MAX_LAYERS];
+    unsigned long long vc[MAX_LAYERS];
+};
+static_assert(sizeof(SegDev) == 1040, "SegDev layout");
+
 static_assert(sizeof(QMat) == 72, "QMat layout");
 static_assert(sizeof(LayerDev) == 408, "LayerDev layout");
 static_assert(sizeof(StepParams) == 4136, "StepParams layout");

@@ -19,14 +19,20 @@ pub static GEMV_FATBIN: &[u8] = include_bytes!("../kernels/bin/gemv.fatbin");
 pub static ATTENTION_FATBIN: &[u8] = include_bytes!("../kernels/bin/attention.fatbin");
 pub static BANDWIDTH_FATBIN: &[u8] = include_bytes!("../kernels/bin/bandwidth.fatbin");
 pub static MOE_MMA_FATBIN: &[u8] = include_bytes!("../kernels/bin/moe_mma.fatbin");
+pub static FLASH_ATTN_FATBIN: &[u8] = include_bytes!("../kernels/bin/flash_attn.fatbin");
+pub static MOE_GEMM_FATBIN: &[u8] = include_bytes!("../kernels/bin/moe_gemm.fatbin");
+pub static WIDE_FATBIN: &[u8] = include_bytes!("../kernels/bin/wide.fatbin");
 
 /// The kernel sources, for the freshness check.
-pub const KERNEL_SOURCES: [(&str, &str); 5] = [
+pub const KERNEL_SOURCES: [(&str, &str); 8] = [
     ("common.cuh", include_str!("../kernels/common.cuh")),
     ("gemv.cu", include_str!("../kernels/gemv.cu")),
     ("attention.cu", include_str!("../kernels/attention.cu")),
     ("bandwidth.cu", include_str!("../kernels/bandwidth.cu")),
     ("moe_mma.cu", include_str!("../kernels/moe_mma.cu")),
+    ("flash_attn.cu", include_str!("../kernels/flash_attn.cu")),
+    ("moe_gemm.cu", include_str!("../kernels/moe_gemm.cu")),
+    ("wide.cu", include_str!("../kernels/wide.cu")),
 ];
 /// `sha256sum` of the sources when the fatbins were built.
 pub const KERNEL_SOURCES_SHA256: &str = include_str!("../kernels/SOURCES.sha256");
@@ -139,6 +145,37 @@ impl Default for StepParams {
     }
 }
 
+/// Most sequences in one wide launch (`MAX_SEGS` in common.cuh).
+pub const MAX_SEGS: usize = 64;
+
+/// One sequence's part of a wide launch (`struct SegDev` in common.cuh): its `nq` tokens are
+/// launch rows `q0..q0 + nq` at positions `pos0..pos0 + nq`; its cache (per layer K/V base
+/// pointers) holds the positions before `pos0`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SegDev {
+    pub q0: i32,
+    pub nq: i32,
+    pub pos0: i32,
+    pub pad: i32,
+    pub kc: [u64; MAX_LAYERS],
+    pub vc: [u64; MAX_LAYERS],
+}
+
+impl Default for SegDev {
+    fn default() -> Self {
+        SegDev {
+            q0: 0,
+            nq: 0,
+            pos0: 0,
+            pad: 0,
+            kc: [0; MAX_LAYERS],
+            vc: [0; MAX_LAYERS],
+        }
+    }
+}
+
+const _: () = assert!(std::mem::size_of::<SegDev>() == 1040);
 const _: () = assert!(std::mem::size_of::<QMat>() == 72);
 const _: () = assert!(std::mem::size_of::<LayerDev>() == 408);
 const _: () = assert!(std::mem::size_of::<StepParams>() == 4136);

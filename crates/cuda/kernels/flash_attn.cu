@@ -1,0 +1,2 @@
+// placeholder: flash_attn kernels (being written)
+#include "common.cuh"

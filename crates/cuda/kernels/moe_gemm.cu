@@ -1,0 +1,2 @@
+// placeholder: moe_gemm kernels (being written)
+#include "common.cuh"

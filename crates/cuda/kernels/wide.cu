@@ -1,0 +1,2 @@
+// placeholder: wide kernels (being written)
+#include "common.cuh"
