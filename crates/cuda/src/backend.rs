@@ -23,9 +23,10 @@ use gptoss_formats::{Checkpoint, GptOssConfig, ModelWeights};
 use crate::driver::{DevBuf, DeviceInfo, Event, Gpu, Graph, Timer};
 use crate::kernels::{
     Dims, F_ARGMAX, F_NORM, F_RESID, F_TOPK, F_WRITE_NORMED, K_BF16, Kernels, KvDtype, LinearExtra,
-    MAXT, PART, RP_MAXB, RP_MAXE, SMAX, SmemPlan, StepParams,
+    MAX_SEGS, MAXT, PART, RP_MAXB, RP_MAXE, SMAX, SmemPlan, StepParams,
 };
 use crate::upload::{DeviceModel, RING_EXTRA, ReadBytes};
+use crate::wide::{Wide, WideSeg};
 
 /// Options of [`CudaBackend::open`].
 #[derive(Debug, Clone)]
@@ -43,7 +44,16 @@ pub struct CudaOptions {
     /// doubles the cache memory and attention reads but gives bit-for-bit the reference's
     /// attention inputs).
     pub kv_dtype: KvDtype,
+    /// Most tokens of one wide (tensor-core) launch: prompts longer than MAXT run in chunks of
+    /// this many tokens, and more than MAXT decode tokens run together (up to 64 sequences).
+    /// 0 (or <= MAXT) turns the wide path off: everything runs MAXT tokens at a time through
+    /// the decode kernels.
+    pub wide_tokens: usize,
 }
+
+/// Default [`CudaOptions::wide_tokens`]: large enough that the experts' weights are read once
+/// per ~128 tokens each (top-4 of 32), small enough for ~0.2 GB of scratch on the 20b.
+pub const DEFAULT_WIDE_TOKENS: usize = 1024;
 
 impl Default for CudaOptions {
     fn default() -> Self {
@@ -53,6 +63,7 @@ impl Default for CudaOptions {
             enforce_eager: false,
             max_batch_tokens: 65536,
             kv_dtype: KvDtype::default(),
+            wide_tokens: DEFAULT_WIDE_TOKENS,
         }
     }
 }
@@ -206,6 +217,8 @@ pub struct CudaBackend {
     /// whose experts they handle (see [`Self::moe_mma_at`]).
     pub(crate) moe_mma: bool,
     pub(crate) k: Kernels,
+    /// The tensor-core path for launches of more than MAXT tokens (None: `wide_tokens` 0).
+    pub(crate) wide: Option<Wide>,
     // Dropped last: the context must outlive every buffer.
     pub(crate) gpu: Gpu,
 }
@@ -257,6 +270,11 @@ impl CudaBackend {
         let max_context = opts.max_context.min(cfg.max_position_embeddings).max(1);
         let model = DeviceModel::upload(&gpu, w, max_context).map_err(failed)?;
         let scratch = Scratch::new(&gpu, &dims).map_err(failed)?;
+        let wide = if opts.wide_tokens > MAXT {
+            Some(Wide::new(&gpu, &dims, opts.wide_tokens).map_err(failed)?)
+        } else {
+            None
+        };
         gpu.sync().map_err(failed)?;
         // GPTOSS_CUDA_V5=1 (or GPTOSS_CUDA_NO_FUSED_ROUTER=1) runs the v5 kernels instead, for
         // A/B measurements in one binary. GPTOSS_CUDA_MOE1=1 opts in to k_moe_gu1 / k_moe_dn1,
@@ -296,6 +314,7 @@ impl CudaBackend {
             moe1,
             moe_mma,
             k,
+            wide,
             gpu,
         })
     }
@@ -564,33 +583,46 @@ impl CudaBackend {
             self.record_moe(t, l, mark)?;
         }
         if let Some((first, count)) = lm {
-            let (nt, i) = Self::nt_index(count);
-            let extra = LinearExtra {
-                idx_out: sc.idx.ptr,
-                red_val: sc.red_val.ptr,
-                red_idx: sc.red_idx.ptr,
-                counter: sc.counters.at((MAXT * d.nkv + 1) * 4),
-                ..LinearExtra::default()
-            };
             mark("k_linear lm_head+argmax")?;
-            k.linear(
-                s,
-                nt,
-                self.plan.linear_h[i],
-                &m.lm_head,
-                sc.x.at(first * d.h * 4),
-                d.h,
-                count,
-                m.norm,
-                d.eps,
-                sc.logits.ptr,
-                d.vocab,
-                F_NORM | F_ARGMAX,
-                &extra,
-            )?;
+            self.lm_head_rows(sc.x.at(first * d.h * 4), count)?;
         }
         mark("end")?;
         Ok(())
+    }
+
+    /// Final RMSNorm + lm_head + greedy argmax of `count` (<= MAXT) consecutive f32 rows of
+    /// the residual stream at `x` into `scratch.logits` / `scratch.idx`.
+    pub(crate) fn lm_head_rows(&self, x: u64, count: usize) -> Result<(), String> {
+        let (k, s, d, sc, m) = (
+            &self.k,
+            &self.gpu.stream,
+            &self.dims,
+            &self.scratch,
+            &self.model,
+        );
+        let (nt, i) = Self::nt_index(count);
+        let extra = LinearExtra {
+            idx_out: sc.idx.ptr,
+            red_val: sc.red_val.ptr,
+            red_idx: sc.red_idx.ptr,
+            counter: sc.counters.at((MAXT * d.nkv + 1) * 4),
+            ..LinearExtra::default()
+        };
+        k.linear(
+            s,
+            nt,
+            self.plan.linear_h[i],
+            &m.lm_head,
+            x,
+            d.h,
+            count,
+            m.norm,
+            d.eps,
+            sc.logits.ptr,
+            d.vocab,
+            F_NORM | F_ARGMAX,
+            &extra,
+        )
     }
 
     /// The experts of layer `l`: gate_up + SwiGLU, then down + weighted sum + residual
@@ -794,8 +826,9 @@ impl CudaBackend {
         }
     }
 
-    /// One decode token for each of up to MAXT sequences (validated), run as one launch
-    /// sequence: the weights are read once for all of them. Returns each one's logits row.
+    /// One decode token for each of up to [`Self::decode_group`] sequences (validated), run as
+    /// one launch sequence (more than MAXT: a wide launch): the weights are read once for all of
+    /// them. Returns each one's logits row.
     fn decode_together(&mut self, rows: &[(SeqId, u32, usize)]) -> Result<Vec<Vec<f32>>, String> {
         let mut caches = Vec::with_capacity(rows.len());
         for &(seq, _, pos) in rows {
@@ -816,16 +849,34 @@ impl CudaBackend {
             for (c, &(_, _, pos)) in cs.iter_mut().zip(rows) {
                 self.grow(c, pos + 1)?;
             }
-            let params: Vec<(&SeqCache, u32, usize)> = cs
-                .iter()
-                .zip(rows)
-                .map(|(c, &(_, tok, pos))| (&**c, tok, pos))
-                .collect();
-            let sp = self.params_of(&params);
-            self.run_chunk(&sp, Some((0, rows.len())))?;
             let vocab = self.dims.vocab;
             let mut all = vec![0f32; rows.len() * vocab];
-            self.gpu.download(&mut all, self.scratch.logits.ptr)?;
+            if rows.len() > MAXT {
+                let toks: Vec<[u32; 1]> = rows.iter().map(|r| [r.1]).collect();
+                let segs: Vec<WideSeg<'_>> = cs
+                    .iter()
+                    .zip(rows)
+                    .zip(&toks)
+                    .map(|((c, &(_, _, pos)), tk)| (&**c, &tk[..], pos))
+                    .collect();
+                let lm: Vec<usize> = (0..rows.len()).collect();
+                let mut done = 0;
+                self.run_wide(&segs, &lm, &mut |b, ptr, n| {
+                    b.gpu
+                        .download(&mut all[done * vocab..(done + n) * vocab], ptr)?;
+                    done += n;
+                    Ok(())
+                })?;
+            } else {
+                let params: Vec<(&SeqCache, u32, usize)> = cs
+                    .iter()
+                    .zip(rows)
+                    .map(|(c, &(_, tok, pos))| (&**c, tok, pos))
+                    .collect();
+                let sp = self.params_of(&params);
+                self.run_chunk(&sp, Some((0, rows.len())))?;
+                self.gpu.download(&mut all, self.scratch.logits.ptr)?;
+            }
             Ok(all.chunks(vocab).map(|r| r.to_vec()).collect())
         })();
         for (c, &(seq, _, pos)) in caches.into_iter().zip(rows) {
@@ -839,15 +890,15 @@ impl CudaBackend {
         res
     }
 
-    /// Feeds `tokens` to `seq` from `start_pos` (already validated); for each chunk with wanted
-    /// rows, `sink(first, count)` is called after the chunk ran.
+    /// Feeds `tokens` to `seq` from `start_pos` (already validated); for each block of wanted
+    /// logits rows, `sink(backend, device pointer of the rows, count)` is called after it ran.
     fn feed(
         &mut self,
         seq: SeqId,
         tokens: &[u32],
         start_pos: usize,
         want: LogitsWanted,
-        mut sink: impl FnMut(&Self, usize) -> Result<(), String>,
+        mut sink: impl FnMut(&Self, u64, usize) -> Result<(), String>,
     ) -> Result<(), String> {
         let mut c = match self.seqs.remove(&seq) {
             Some(c) => c,
@@ -860,8 +911,14 @@ impl CudaBackend {
         let res = (|| {
             self.grow(&mut c, start_pos + tokens.len())?;
             let n = tokens.len();
-            for (ci, chunk) in tokens.chunks(MAXT).enumerate() {
-                let first_tok = ci * MAXT;
+            // Prompts longer than MAXT run in wide launches of up to `wide_cap` tokens.
+            let step = if n > MAXT {
+                self.wide_cap().max(MAXT)
+            } else {
+                MAXT
+            };
+            for (ci, chunk) in tokens.chunks(step).enumerate() {
+                let first_tok = ci * step;
                 let lm = match want {
                     LogitsWanted::All => Some((0, chunk.len())),
                     LogitsWanted::Last if first_tok + chunk.len() == n => {
@@ -869,10 +926,20 @@ impl CudaBackend {
                     }
                     LogitsWanted::Last => None,
                 };
-                let sp = self.params(&c, chunk, start_pos + first_tok);
-                self.run_chunk(&sp, lm)?;
-                if let Some((_, count)) = lm {
-                    sink(self, count)?;
+                if chunk.len() > MAXT {
+                    let rows: Vec<usize> =
+                        lm.map(|(f, k)| (f..f + k).collect()).unwrap_or_default();
+                    self.run_wide(
+                        &[(&c, chunk, start_pos + first_tok)],
+                        &rows,
+                        &mut |b, p, k| sink(b, p, k),
+                    )?;
+                } else {
+                    let sp = self.params(&c, chunk, start_pos + first_tok);
+                    self.run_chunk(&sp, lm)?;
+                    if let Some((_, count)) = lm {
+                        sink(self, self.scratch.logits.ptr, count)?;
+                    }
                 }
             }
             Ok(())
@@ -882,6 +949,20 @@ impl CudaBackend {
         }
         self.seqs.insert(seq, c);
         res
+    }
+
+    /// Most tokens of one wide launch (0 without the wide path).
+    pub(crate) fn wide_cap(&self) -> usize {
+        self.wide.as_ref().map_or(0, |w| w.scratch.cap)
+    }
+
+    /// Most decode tokens (sequences) run as one launch sequence.
+    pub(crate) fn decode_group(&self) -> usize {
+        if self.wide.is_some() {
+            MAX_SEGS.min(self.wide_cap())
+        } else {
+            MAXT
+        }
     }
 
     fn check_step(&self, seq: SeqId, tokens: &[u32], start_pos: usize) -> Result<(), BackendError> {
@@ -923,7 +1004,7 @@ impl CudaBackend {
         let start = self.cached_len(seq).unwrap_or(0);
         self.check_step(seq, tokens, start)?;
         let mut out = 0u32;
-        self.feed(seq, tokens, start, LogitsWanted::Last, |b, _| {
+        self.feed(seq, tokens, start, LogitsWanted::Last, |b, _, _| {
             let mut idx = [0i32; 1];
             b.gpu.download(&mut idx, b.scratch.idx.ptr)?;
             out = idx[0] as u32;
@@ -931,6 +1012,26 @@ impl CudaBackend {
         })
         .map_err(failed)?;
         Ok(out)
+    }
+
+    /// Runs a short prompt (a wide launch when the wide path is on) and a decode step on a
+    /// scratch sequence, then releases it: loads cuBLAS's kernels, allocates its workspace and
+    /// captures the decode graph, so that timings and memory figures taken afterwards exclude
+    /// first-use costs.
+    pub fn warm_up(&mut self) -> Result<(), BackendError> {
+        const SEQ: SeqId = SeqId::MAX - 1;
+        let n = (MAXT + 12)
+            .min(self.model.max_context.saturating_sub(1))
+            .max(1);
+        let res = self.prefill_greedy(SEQ, &vec![0; n]).and_then(|t| {
+            if n < self.model.max_context {
+                self.decode_greedy(SEQ, t).map(|_| ())
+            } else {
+                Ok(())
+            }
+        });
+        self.release(SEQ);
+        res
     }
 
     /// One batch-1 decode step (CUDA graph unless `enforce_eager`): feeds `token` and returns
@@ -1055,13 +1156,14 @@ impl Backend for CudaBackend {
         self.gpu.bind().map_err(failed)?;
         let vocab = self.dims.vocab;
         let mut steps: Vec<Vec<f32>> = vec![Vec::new(); batch.steps.len()];
-        // Single-token steps (decode) run MAXT sequences at a time, so the weights are read once
-        // per group; the rest (prefill, chunked prefill) and a lone decode step one by one.
+        // Single-token steps (decode) run `decode_group` sequences at a time, so the weights are
+        // read once per group; the rest (prefill, chunked prefill) and a lone decode step one by
+        // one.
         let decode: Vec<usize> = (0..batch.steps.len())
             .filter(|&i| batch.steps[i].tokens.len() == 1)
             .collect();
         let mut done = vec![false; batch.steps.len()];
-        for group in decode.chunks(MAXT).filter(|g| g.len() > 1) {
+        for group in decode.chunks(self.decode_group()).filter(|g| g.len() > 1) {
             let rows: Vec<(SeqId, u32, usize)> = group
                 .iter()
                 .map(|&i| {
@@ -1077,11 +1179,17 @@ impl Backend for CudaBackend {
         }
         for (i, s) in batch.steps.iter().enumerate().filter(|(i, _)| !done[*i]) {
             let mut rows: Vec<f32> = Vec::new();
-            self.feed(s.seq, &s.tokens, s.start_pos, s.want_logits, |b, count| {
-                let start = rows.len();
-                rows.resize(start + count * vocab, 0.0);
-                b.gpu.download(&mut rows[start..], b.scratch.logits.ptr)
-            })
+            self.feed(
+                s.seq,
+                &s.tokens,
+                s.start_pos,
+                s.want_logits,
+                |b, ptr, count| {
+                    let start = rows.len();
+                    rows.resize(start + count * vocab, 0.0);
+                    b.gpu.download(&mut rows[start..], ptr)
+                },
+            )
             .map_err(failed)?;
             steps[i] = rows;
         }

@@ -688,6 +688,7 @@ fn kernels_match_reference_at_20b_shapes() {
         &w,
         CudaOptions {
             max_context: 8192,
+            wide_tokens: 0,
             ..CudaOptions::default()
         },
     )
@@ -755,6 +756,7 @@ fn kernels_match_reference_at_20b_shapes() {
             CudaOptions {
                 max_context: 8192,
                 kv_dtype: KvDtype::F32,
+                wide_tokens: 0,
                 ..CudaOptions::default()
             },
         )
@@ -955,6 +957,7 @@ fn fixtures_match_cpu_backend() {
         // GPU with an f32 KV cache: the same computation as the reference.
         let opts = CudaOptions {
             kv_dtype: KvDtype::F32,
+            wide_tokens: 0,
             ..CudaOptions::default()
         };
         let mut gpu = CudaBackend::open(&dir, opts).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -1031,6 +1034,7 @@ fn fixtures_match_cpu_backend() {
             let (emu_logits, emu_tokens) = reference_kv(&w, &prompt, n, kv);
             let opts = CudaOptions {
                 kv_dtype: kv,
+                wide_tokens: 0,
                 ..CudaOptions::default()
             };
             let mut gpu = CudaBackend::open(&dir, opts).unwrap();
@@ -1170,6 +1174,7 @@ fn batched_decode_matches_one_by_one() {
         for (kv, tol) in [(KvDtype::F32, 1e-4f32), (KvDtype::Bf16, 1e-2)] {
             let opts = CudaOptions {
                 kv_dtype: kv,
+                wide_tokens: 0,
                 ..CudaOptions::default()
             };
             let mut together = CudaBackend::open(&dir, opts.clone()).unwrap();
@@ -1229,6 +1234,163 @@ fn batched_decode_matches_one_by_one() {
                 &format!("{name} [{kv}]: greedy agreement {agree}/{}", nseq * steps),
                 (nseq * steps - agree) as f32,
                 0.0,
+            );
+        }
+    }
+    ck.assert_all();
+}
+
+/// Per-row worst of [`rel_err`] over `rows` rows of `vocab` logits.
+fn rel_err_rows(got: &[f32], want: &[f32], vocab: usize) -> f32 {
+    if got.len() != want.len() {
+        return f32::INFINITY;
+    }
+    got.chunks(vocab)
+        .zip(want.chunks(vocab))
+        .map(|(g, w)| rel_err(g, w))
+        .fold(0f32, f32::max)
+}
+
+/// The wide (tensor-core) path against the f32 CPU reference on every fixture: a 2000-token
+/// prompt (two wide chunks of 1024 + 976: the cache and the sliding-window ring carried across
+/// chunks; every row's logits compared), greedy decode after it, and 12 sequences (prompts of
+/// 5..27 tokens, each a wide launch) decoding 8 steps together (one wide launch of 12
+/// single-token segments per step) — for each KV-cache element type.
+#[test]
+fn wide_path_matches_reference() {
+    if !gpu_or_skip("wide_path_matches_reference") {
+        return;
+    }
+    let mut ck = Checks::new();
+    for dir in fixture_dirs() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let mut cpu = CpuBackend::open(&dir).unwrap();
+        let vocab = cpu.config().vocab_size;
+        let prompt: Vec<u32> = (0..2000u32).map(|i| (i * 37 + 11) % vocab as u32).collect();
+        let want = cpu
+            .forward(&step(1, prompt.clone(), 0, LogitsWanted::All))
+            .unwrap()
+            .step(0)
+            .to_vec();
+        let mut cpu_tokens = vec![argmax(&want[(prompt.len() - 1) * vocab..]) as u32];
+        let n = 16;
+        let mut cpu_steps = Vec::new();
+        for s in 0..n {
+            let l = cpu
+                .forward(&step(
+                    1,
+                    vec![cpu_tokens[s]],
+                    prompt.len() + s,
+                    LogitsWanted::Last,
+                ))
+                .unwrap();
+            cpu_tokens.push(argmax(l.step(0)) as u32);
+            cpu_steps.push(l.step(0).to_vec());
+        }
+        // Batched: 12 sequences with their own prompts.
+        let nseq = 12usize;
+        let prompts: Vec<Vec<u32>> = (0..nseq)
+            .map(|s| {
+                (0..5 + 2 * s as u32)
+                    .map(|i| (i * 53 + 17 * s as u32 + 5) % vocab as u32)
+                    .collect()
+            })
+            .collect();
+        let mut cpu_b = CpuBackend::open(&dir).unwrap();
+        let mut next = Vec::new();
+        for (s, p) in prompts.iter().enumerate() {
+            let l = cpu_b
+                .forward(&step(100 + s as u64, p.clone(), 0, LogitsWanted::Last))
+                .unwrap();
+            next.push(argmax(l.step(0)) as u32);
+        }
+        let bsteps = 8;
+        let mut cpu_batch = Vec::new();
+        let mut fed = vec![next.clone()];
+        for k in 0..bsteps {
+            let batch = StepBatch {
+                steps: (0..nseq)
+                    .map(|s| SeqStep {
+                        seq: 100 + s as u64,
+                        tokens: vec![fed[k][s]],
+                        start_pos: prompts[s].len() + k,
+                        want_logits: LogitsWanted::Last,
+                    })
+                    .collect(),
+            };
+            let l = cpu_b.forward(&batch).unwrap();
+            fed.push((0..nseq).map(|s| argmax(l.step(s)) as u32).collect());
+            cpu_batch.push(l);
+        }
+        for kv in [KvDtype::F32, KvDtype::F16, KvDtype::Bf16] {
+            let tol = if kv == KvDtype::Bf16 { 5e-2 } else { 2e-2 };
+            let opts = CudaOptions {
+                kv_dtype: kv,
+                ..CudaOptions::default()
+            };
+            let mut gpu = CudaBackend::open(&dir, opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let kvn = format!("{} KV", kv.name());
+            let t0 = Instant::now();
+            let got = gpu
+                .forward(&step(1, prompt.clone(), 0, LogitsWanted::All))
+                .unwrap();
+            let secs = t0.elapsed().as_secs_f64();
+            ck.add(
+                &format!("{name} [{kvn}]: 2000-token prompt, every row's logits ({secs:.2} s)"),
+                rel_err_rows(got.step(0), &want, vocab),
+                tol,
+            );
+            let (mut worst, mut agree) = (0f32, 0usize);
+            for s in 0..n {
+                let l = gpu
+                    .forward(&step(
+                        1,
+                        vec![cpu_tokens[s]],
+                        prompt.len() + s,
+                        LogitsWanted::Last,
+                    ))
+                    .unwrap();
+                worst = worst.max(rel_err(l.step(0), &cpu_steps[s]));
+                agree += usize::from(argmax(l.step(0)) as u32 == cpu_tokens[s + 1]);
+            }
+            ck.add(
+                &format!("{name} [{kvn}]: {n} decode steps after it"),
+                worst,
+                tol,
+            );
+            println!("    greedy agreement {agree}/{n} (information)");
+            // Batched decode through wide launches.
+            for (s, p) in prompts.iter().enumerate() {
+                gpu.forward(&step(100 + s as u64, p.clone(), 0, LogitsWanted::Last))
+                    .unwrap();
+            }
+            let mut worst = 0f32;
+            let mut agree = 0;
+            for k in 0..bsteps {
+                let batch = StepBatch {
+                    steps: (0..nseq)
+                        .map(|s| SeqStep {
+                            seq: 100 + s as u64,
+                            tokens: vec![fed[k][s]],
+                            start_pos: prompts[s].len() + k,
+                            want_logits: LogitsWanted::Last,
+                        })
+                        .collect(),
+                };
+                let l = gpu.forward(&batch).unwrap();
+                for s in 0..nseq {
+                    worst = worst.max(rel_err(l.step(s), cpu_batch[k].step(s)));
+                    agree += usize::from(argmax(l.step(s)) == argmax(cpu_batch[k].step(s)));
+                }
+            }
+            ck.add(
+                &format!("{name} [{kvn}]: {nseq} seqs x {bsteps} steps decoded together"),
+                worst,
+                tol,
+            );
+            println!(
+                "    greedy agreement {agree}/{} (information)",
+                nseq * bsteps
             );
         }
     }

@@ -237,7 +237,9 @@ fn open(dir: &Path, a: &Args, max_context: usize) -> anyhow::Result<Opened> {
             enforce_eager: a.enforce_eager,
             ..CudaOptions::default()
         };
-        let be = CudaBackend::open(dir, opts).context("opening the model on the GPU")?;
+        let mut be = CudaBackend::open(dir, opts).context("opening the model on the GPU")?;
+        // First launches load cuBLAS's kernels and allocate its workspace: not part of a run.
+        be.warm_up().context("warm-up on the GPU")?;
         Ok(Opened::Cuda(Box::new(be)))
     };
     let cpu = || -> anyhow::Result<Opened> {

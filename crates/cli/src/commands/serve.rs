@@ -197,9 +197,10 @@ fn gpu_engine_options(
             want_logits: LogitsWanted::Last,
         }],
     };
-    // A two-token prefill chunk and a one-token decode step: both kernel paths and the graph
-    // (less where the context is shorter than three positions).
-    let prefill = max_context.saturating_sub(1).clamp(1, 2);
+    // A 16-token prefill (the CUDA backend's wide path: tensor-core kernels and cuBLAS, whose
+    // workspace is allocated on first use) and a one-token decode step (the decode kernels and
+    // the graph); less where the context is shorter.
+    let prefill = max_context.saturating_sub(1).clamp(1, 16);
     let mut warm = backend.forward(&step(vec![0; prefill], 0));
     if warm.is_ok() && prefill < max_context {
         warm = backend.forward(&step(vec![0], prefill));
@@ -281,8 +282,8 @@ mod tests {
             ..EngineOptions::default()
         };
         let opts = gpu_engine_options(&mut gpu, 8192, 0.9, &base).unwrap();
-        // The warm-up ran (a 2-token prefill and a decode step) and left no sequence behind.
-        assert_eq!(gpu.fed, 3);
+        // The warm-up ran (a short prefill and a decode step) and left no sequence behind.
+        assert_eq!(gpu.fed, 17);
         assert!(gpu.inner.cached_len(WARMUP_SEQ).is_none());
         assert_eq!(opts.max_model_len, Some(4096));
         assert_eq!(opts.kv_dtype_bytes, 2);

@@ -1,0 +1,564 @@
+//! The wide path: launches of more than [`MAXT`](crate::kernels::MAXT) tokens — prefill chunks
+//! of up to [`WideScratch::cap`] tokens and the decode tokens of up to [`MAX_SEGS`] sequences —
+//! on the tensor cores.
+//!
+//! Per layer: RMSNorm (bf16 out) → q/k/v GEMMs (cuBLAS for bf16 weights, else the 4-bit GEMM in
+//! dense mode) → bias + RoPE → flash attention (sinks, window, GQA; the launch's own K/V read
+//! from a side buffer) → K/V stored into the caches → o_proj GEMM accumulated into the residual
+//! → o bias + post-norm → router + top-k → tokens sorted by expert → gate_up GEMM with SwiGLU
+//! → down GEMM → weighted combine into the residual. Every weight stays packed; activations
+//! are bf16 into the tensor cores with f32 accumulation; the residual stream stays f32.
+//!
+//! The launch description lives on the device (token ids, positions, per-sequence
+//! [`SegDev`]s), uploaded once per launch.
+
+use std::mem::{offset_of, size_of};
+
+use crate::backend::{CudaBackend, SeqCache};
+use crate::blas::Blas;
+use crate::driver::{DevBuf, Func, Gpu, Module, Stream, launch_threads};
+use crate::flash::FlashAttn;
+use crate::kernels::{Dims, K_BF16, LayerDev, MAX_SEGS, MAXT, QMat, SegDev, WIDE_FATBIN};
+use crate::moe_gemm::{
+    GEMM_F32, GEMM_F32_ADD, GEMM_SWIGLU, GemmArgs, MoeGemm, TileN, Tiles, moe_tile_bound,
+};
+
+/// Builds the argument pointer array of a launch from local variables.
+macro_rules! args {
+    ($($a:ident),* $(,)?) => {
+        [$( &$a as *const _ as *mut std::ffi::c_void ),*]
+    };
+}
+
+/// Most logits rows one lm_head GEMM of the wide path computes (the size of its logits buffer).
+pub const WIDE_LM_ROWS: usize = MAX_SEGS;
+
+/// The glue kernels of wide.cu.
+pub(crate) struct WideKernels {
+    _module: Module,
+    embed: Func,
+    rmsnorm: Func,
+    rope: Func,
+    kv_store: Func,
+    router: Func,
+}
+
+impl WideKernels {
+    pub(crate) fn load(gpu: &Gpu) -> Result<WideKernels, String> {
+        let m = gpu.load_module(WIDE_FATBIN)?;
+        Ok(WideKernels {
+            embed: m.function("k_embed_w")?,
+            rmsnorm: m.function("k_rmsnorm_w")?,
+            rope: m.function("k_rope_w")?,
+            kv_store: m.function("k_kv_store")?,
+            router: m.function("k_router_w")?,
+            _module: m,
+        })
+    }
+
+    pub(crate) fn embed(
+        &self,
+        s: &Stream,
+        m: &QMat,
+        tok: u64,
+        x: u64,
+        h: usize,
+        t: usize,
+    ) -> Result<(), String> {
+        let (m, h) = (*m, h as i32);
+        let mut a = args!(m, tok, x, h);
+        launch_threads(self.embed, (t as u32, 1, 1), 256, 0, s, &mut a)
+    }
+
+    /// RMSNorm of `t` rows of `x` (rows `rows[i]` when `rows != 0`), after adding `bias` into
+    /// x when `bias != 0`; bf16 out to `ob`, f32 to `of` when `of != 0`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn rmsnorm(
+        &self,
+        s: &Stream,
+        x: u64,
+        bias: u64,
+        w: u64,
+        eps: f32,
+        h: usize,
+        t: usize,
+        rows: u64,
+        ob: u64,
+        of: u64,
+    ) -> Result<(), String> {
+        let h = h as i32;
+        let mut a = args!(x, bias, w, eps, h, rows, ob, of);
+        launch_threads(self.rmsnorm, (t as u32, 1, 1), 256, 0, s, &mut a)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn rope(
+        &self,
+        s: &Stream,
+        qkv: u64,
+        biases: [u64; 3],
+        pos: u64,
+        cos: u64,
+        sin: u64,
+        q: u64,
+        kn: u64,
+        vn: u64,
+        d: &Dims,
+        t: usize,
+    ) -> Result<(), String> {
+        let [bq, bk, bv] = biases;
+        let (nh, nkv, kvmode) = (d.nh as i32, d.nkv as i32, d.kv.mode());
+        let mut a = args!(qkv, bq, bk, bv, pos, cos, sin, q, kn, vn, nh, nkv, kvmode);
+        launch_threads(self.rope, (t as u32, 1, 1), 256, 0, s, &mut a)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn kv_store(
+        &self,
+        s: &Stream,
+        segs: u64,
+        nseg: usize,
+        max_nq: usize,
+        layer: usize,
+        kn: u64,
+        vn: u64,
+        d: &Dims,
+        ring: usize,
+    ) -> Result<(), String> {
+        let (layer, kvd, ring, elem) = (
+            layer as i32,
+            d.kv_dim as i32,
+            ring as i32,
+            d.kv_elem() as i32,
+        );
+        let mut a = args!(segs, layer, kn, vn, kvd, ring, elem);
+        launch_threads(
+            self.kv_store,
+            (max_nq as u32, nseg as u32, 1),
+            128,
+            0,
+            s,
+            &mut a,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn router(
+        &self,
+        s: &Stream,
+        m: &QMat,
+        hf: u64,
+        d: &Dims,
+        t: usize,
+        sel: u64,
+        wsel: u64,
+    ) -> Result<(), String> {
+        let (m, h, e, k) = (*m, d.h as i32, d.e as i32, d.k as i32);
+        let mut a = args!(m, hf, h, e, k, sel, wsel);
+        launch_threads(self.router, (t as u32, 1, 1), 256, 0, s, &mut a)
+    }
+}
+
+/// Device buffers of one wide launch of at most `cap` tokens (allocated once, at load, so the
+/// KV budget of `serve` sees them).
+pub(crate) struct WideScratch {
+    /// Most tokens per launch.
+    pub(crate) cap: usize,
+    pub(crate) tok: DevBuf,
+    pub(crate) pos: DevBuf,
+    pub(crate) segs: DevBuf,
+    /// lm_head rows of a launch (i32 launch-row indices).
+    pub(crate) rows: DevBuf,
+    /// Residual stream f32 [cap][H].
+    pub(crate) x: DevBuf,
+    /// Normed activations bf16 [cap][H] (GEMM input).
+    pub(crate) xb: DevBuf,
+    /// Normed activations f32 [cap][H] (router input).
+    pub(crate) hf: DevBuf,
+    /// q/k/v GEMM output f32 [cap][qd + 2 kvd].
+    pub(crate) qkv: DevBuf,
+    /// Rotated q f32 [cap][qd].
+    pub(crate) q: DevBuf,
+    /// Fresh K and V [cap][kvd] in the cache's element type.
+    pub(crate) kn: DevBuf,
+    pub(crate) vn: DevBuf,
+    /// Attention output bf16 [cap][qd].
+    pub(crate) attn: DevBuf,
+    pub(crate) sel: DevBuf,
+    pub(crate) wsel: DevBuf,
+    pub(crate) pair_tok: DevBuf,
+    pub(crate) pair_of: DevBuf,
+    pub(crate) tiles: DevBuf,
+    pub(crate) ntiles: DevBuf,
+    /// SwiGLU output bf16 [cap * K][I] (sorted pairs).
+    pub(crate) act: DevBuf,
+    /// Down-projection output f32 [cap * K][H] (sorted pairs).
+    pub(crate) y: DevBuf,
+    /// lm_head output f32 [WIDE_LM_ROWS][vocab].
+    pub(crate) logits: DevBuf,
+}
+
+impl WideScratch {
+    pub(crate) fn new(gpu: &Gpu, d: &Dims, cap: usize) -> Result<WideScratch, String> {
+        let a = |n: usize| gpu.alloc_zeroed(n.max(16));
+        let pairs = cap * d.k;
+        let kv_elem = 4; // room for an f32 cache
+        Ok(WideScratch {
+            cap,
+            tok: a(cap * 4)?,
+            pos: a(cap * 4)?,
+            segs: a(MAX_SEGS * size_of::<SegDev>())?,
+            rows: a(cap * 4)?,
+            x: a(cap * d.h * 4)?,
+            xb: a(cap * d.h * 2)?,
+            hf: a(cap * d.h * 4)?,
+            qkv: a(cap * (d.q_dim + 2 * d.kv_dim) * 4)?,
+            q: a(cap * d.q_dim * 4)?,
+            kn: a(cap * d.kv_dim * kv_elem)?,
+            vn: a(cap * d.kv_dim * kv_elem)?,
+            attn: a(cap * d.q_dim * 2)?,
+            sel: a(pairs * 4)?,
+            wsel: a(pairs * 4)?,
+            pair_tok: a(pairs * 4)?,
+            pair_of: a(pairs * 4)?,
+            tiles: a((pairs / 16 + d.e + 1) * 16)?,
+            ntiles: a(16)?,
+            act: a(pairs * d.inter * 2)?,
+            y: a(pairs * d.h * 4)?,
+            logits: a(WIDE_LM_ROWS * d.vocab * 4)?,
+        })
+    }
+}
+
+/// Device address of field `off` of layer `l`'s [`LayerDev`] in the device table at `base`.
+pub(crate) fn layer_field(base: u64, l: usize, off: usize) -> u64 {
+    base + (l * size_of::<LayerDev>() + off) as u64
+}
+
+/// Offsets of the projections' [`QMat`]s inside a [`LayerDev`].
+pub(crate) const OFF_Q: usize = offset_of!(LayerDev, q);
+pub(crate) const OFF_K: usize = offset_of!(LayerDev, k);
+pub(crate) const OFF_V: usize = offset_of!(LayerDev, v);
+pub(crate) const OFF_O: usize = offset_of!(LayerDev, o);
+
+/// Whether a dense projection goes to cuBLAS (bf16 weights and a handle) or to the 4-bit GEMM.
+pub(crate) fn use_blas(blas: &Option<Blas>, m: &QMat) -> bool {
+    blas.is_some() && m.kind == K_BF16
+}
+
+/// Rows of the attention ring (0 = linear) and the window of layer `l`.
+pub(crate) fn attn_geometry(l: &LayerDev) -> (usize, usize) {
+    (l.ring.max(0) as usize, l.window.max(0) as usize)
+}
+
+/// Everything the wide path needs, loaded next to the decode kernels.
+pub(crate) struct Wide {
+    pub(crate) k: WideKernels,
+    pub(crate) flash: FlashAttn,
+    pub(crate) moe: MoeGemm,
+    pub(crate) scratch: WideScratch,
+    /// Dropped before the stream (declared before `CudaBackend::gpu`).
+    pub(crate) blas: Option<Blas>,
+}
+
+impl Wide {
+    pub(crate) fn new(gpu: &Gpu, d: &Dims, cap: usize) -> Result<Wide, String> {
+        Ok(Wide {
+            k: WideKernels::load(gpu)?,
+            flash: FlashAttn::load(gpu)?,
+            moe: MoeGemm::load(gpu)?,
+            scratch: WideScratch::new(gpu, d, cap)?,
+            blas: Blas::open(&gpu.stream)?,
+        })
+    }
+}
+
+/// One sequence of a wide launch: its cache, its new tokens, the position of the first.
+pub(crate) type WideSeg<'a> = (&'a SeqCache, &'a [u32], usize);
+
+impl CudaBackend {
+    /// Runs one wide launch: the tokens of `segs` (at most `cap` in all, at most [`MAX_SEGS`]
+    /// sequences; caches already grown to hold them), then lm_head for the launch rows `lm`
+    /// (ascending), handing each computed block of logits rows to `sink(backend, device
+    /// pointer, rows)` in order. A block of at most MAXT consecutive rows goes through the decode
+    /// path's `k_linear` (f32 activations, greedy argmax into `scratch.idx`), larger ones through
+    /// a bf16 GEMM in blocks of [`WIDE_LM_ROWS`].
+    pub(crate) fn run_wide(
+        &self,
+        segs: &[WideSeg<'_>],
+        lm: &[usize],
+        sink: &mut dyn FnMut(&Self, u64, usize) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let w = self.wide.as_ref().ok_or("the wide path is not loaded")?;
+        let (s, d, m, ws) = (&self.gpu.stream, &self.dims, &self.model, &w.scratch);
+        // The launch description.
+        let mut tok = Vec::new();
+        let mut pos = Vec::new();
+        let mut devs = Vec::with_capacity(segs.len());
+        for &(c, tokens, pos0) in segs {
+            let mut sd = SegDev {
+                q0: tok.len() as i32,
+                nq: tokens.len() as i32,
+                pos0: pos0 as i32,
+                ..SegDev::default()
+            };
+            for l in 0..d.layers {
+                sd.kc[l] = c.k[l].ptr;
+                sd.vc[l] = c.v[l].ptr;
+            }
+            devs.push(sd);
+            tok.extend(tokens.iter().map(|&t| t as i32));
+            pos.extend((0..tokens.len()).map(|i| (pos0 + i) as i32));
+        }
+        let t = tok.len();
+        if t == 0 || t > ws.cap || segs.len() > MAX_SEGS {
+            return Err(format!(
+                "a wide launch takes 1..={} tokens of at most {MAX_SEGS} sequences, got {t} tokens of {}",
+                ws.cap,
+                segs.len()
+            ));
+        }
+        let max_nq = segs.iter().map(|s| s.1.len()).max().unwrap_or(0);
+        self.gpu.upload_async(ws.tok.ptr, &tok)?;
+        self.gpu.upload_async(ws.pos.ptr, &pos)?;
+        self.gpu.upload_async(ws.segs.ptr, &devs)?;
+        let nseg = segs.len();
+        let (qd, kvd) = (d.q_dim, d.kv_dim);
+        let ldqkv = qd + 2 * kvd;
+        w.k.embed(s, &m.embed, ws.tok.ptr, ws.x.ptr, d.h, t)?;
+        // Experts: tiles of 16 tokens when an expert gets few (batched decode), else 64.
+        let tn = if t * d.k < 32 * d.e {
+            TileN::N16
+        } else {
+            TileN::N64
+        };
+        let dense_tn = if t < 64 { TileN::N16 } else { TileN::N64 };
+        for l in 0..d.layers {
+            let lh = &m.layers[l];
+            let ld = m.layer_dev.ptr;
+            w.k.rmsnorm(s, ws.x.ptr, 0, lh.in_norm, d.eps, d.h, t, 0, ws.xb.ptr, 0)?;
+            let mut biases = [0u64; 3];
+            for (i, (qm, off, col)) in [
+                (&lh.q, OFF_Q, 0),
+                (&lh.k, OFF_K, qd),
+                (&lh.v, OFF_V, qd + kvd),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let out = ws.qkv.ptr + (col * 4) as u64;
+                if use_blas(&w.blas, qm) {
+                    let b = w.blas.as_ref().expect("checked");
+                    b.gemm_bf16(
+                        qm.w,
+                        qm.rows as usize,
+                        d.h,
+                        ws.xb.ptr,
+                        d.h,
+                        t,
+                        out,
+                        ldqkv,
+                        0.0,
+                    )?;
+                    biases[i] = qm.bias;
+                } else {
+                    let g = GemmArgs {
+                        mats: layer_field(ld, l, off),
+                        rows: qm.rows as usize,
+                        cols: d.h,
+                        tiles: Tiles::Dense { t },
+                        x: ws.xb.ptr,
+                        ldx: d.h,
+                        gather: 0,
+                        mode: GEMM_F32,
+                        out,
+                        ldo: ldqkv,
+                        alpha: d.alpha,
+                        limit: d.limit,
+                    };
+                    w.moe.gemm(s, dense_tn, &g)?;
+                }
+            }
+            w.k.rope(
+                s, ws.qkv.ptr, biases, ws.pos.ptr, m.cos.ptr, m.sin.ptr, ws.q.ptr, ws.kn.ptr,
+                ws.vn.ptr, d, t,
+            )?;
+            let (ring, window) = attn_geometry(lh);
+            w.flash.launch(
+                s,
+                ws.segs.ptr,
+                nseg,
+                max_nq,
+                l,
+                ws.q.ptr,
+                ws.kn.ptr,
+                ws.vn.ptr,
+                lh.sinks,
+                window,
+                ring,
+                ws.attn.ptr,
+                d.nh,
+                d.nkv,
+                d.kv.mode(),
+            )?;
+            w.k.kv_store(
+                s,
+                ws.segs.ptr,
+                nseg,
+                max_nq,
+                l,
+                ws.kn.ptr,
+                ws.vn.ptr,
+                d,
+                ring,
+            )?;
+            let o_bias = if use_blas(&w.blas, &lh.o) {
+                let b = w.blas.as_ref().expect("checked");
+                b.gemm_bf16(lh.o.w, d.h, qd, ws.attn.ptr, qd, t, ws.x.ptr, d.h, 1.0)?;
+                lh.o.bias
+            } else {
+                let g = GemmArgs {
+                    mats: layer_field(ld, l, OFF_O),
+                    rows: d.h,
+                    cols: qd,
+                    tiles: Tiles::Dense { t },
+                    x: ws.attn.ptr,
+                    ldx: qd,
+                    gather: 0,
+                    mode: GEMM_F32_ADD,
+                    out: ws.x.ptr,
+                    ldo: d.h,
+                    alpha: d.alpha,
+                    limit: d.limit,
+                };
+                w.moe.gemm(s, dense_tn, &g)?;
+                0
+            };
+            w.k.rmsnorm(
+                s,
+                ws.x.ptr,
+                o_bias,
+                lh.post_norm,
+                d.eps,
+                d.h,
+                t,
+                0,
+                ws.xb.ptr,
+                ws.hf.ptr,
+            )?;
+            w.k.router(s, &lh.router, ws.hf.ptr, d, t, ws.sel.ptr, ws.wsel.ptr)?;
+            w.moe.route(
+                s,
+                ws.sel.ptr,
+                t,
+                d.k,
+                d.e,
+                tn.bn(),
+                ws.pair_tok.ptr,
+                ws.pair_of.ptr,
+                ws.tiles.ptr,
+                ws.ntiles.ptr,
+            )?;
+            let tiles = Tiles::Moe {
+                tiles: ws.tiles.ptr,
+                ntiles: ws.ntiles.ptr,
+                max_tiles: moe_tile_bound(t * d.k, d.e, tn.bn()),
+            };
+            let gu = GemmArgs {
+                mats: lh.gu,
+                rows: 2 * d.inter,
+                cols: d.h,
+                tiles,
+                x: ws.xb.ptr,
+                ldx: d.h,
+                gather: ws.pair_tok.ptr,
+                mode: GEMM_SWIGLU,
+                out: ws.act.ptr,
+                ldo: d.inter,
+                alpha: d.alpha,
+                limit: d.limit,
+            };
+            w.moe.gemm(s, tn, &gu)?;
+            let dn = GemmArgs {
+                mats: lh.dn,
+                rows: d.h,
+                cols: d.inter,
+                x: ws.act.ptr,
+                ldx: d.inter,
+                gather: 0,
+                mode: GEMM_F32,
+                out: ws.y.ptr,
+                ldo: d.h,
+                ..gu
+            };
+            w.moe.gemm(s, tn, &dn)?;
+            w.moe.combine(
+                s,
+                ws.x.ptr,
+                ws.y.ptr,
+                ws.pair_of.ptr,
+                ws.wsel.ptr,
+                t,
+                d.k,
+                d.h,
+            )?;
+        }
+        self.wide_lm_head(lm, sink)
+    }
+
+    /// lm_head of the launch rows `lm` of the wide residual stream (see [`Self::run_wide`]).
+    fn wide_lm_head(
+        &self,
+        lm: &[usize],
+        sink: &mut dyn FnMut(&Self, u64, usize) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let w = self.wide.as_ref().ok_or("the wide path is not loaded")?;
+        let (s, d, m, ws) = (&self.gpu.stream, &self.dims, &self.model, &w.scratch);
+        let consecutive = lm.windows(2).all(|p| p[1] == p[0] + 1);
+        let gemm = lm.len() > MAXT && w.blas.is_some() && m.lm_head.kind == K_BF16;
+        if !gemm {
+            // The decode path's lm_head (+ argmax) on blocks of consecutive rows.
+            let mut i = 0;
+            while i < lm.len() {
+                let mut n = 1;
+                while consecutive && i + n < lm.len() && n < MAXT {
+                    n += 1;
+                }
+                self.lm_head_rows(ws.x.ptr + (lm[i] * d.h * 4) as u64, n)?;
+                sink(self, self.scratch.logits.ptr, n)?;
+                i += n;
+            }
+            return Ok(());
+        }
+        let b = w.blas.as_ref().expect("checked");
+        for group in lm.chunks(WIDE_LM_ROWS) {
+            let rows: Vec<i32> = group.iter().map(|&r| r as i32).collect();
+            self.gpu.upload_async(ws.rows.ptr, &rows)?;
+            w.k.rmsnorm(
+                s,
+                ws.x.ptr,
+                0,
+                m.norm,
+                d.eps,
+                d.h,
+                rows.len(),
+                ws.rows.ptr,
+                ws.xb.ptr,
+                0,
+            )?;
+            b.gemm_bf16(
+                m.lm_head.w,
+                d.vocab,
+                d.h,
+                ws.xb.ptr,
+                d.h,
+                rows.len(),
+                ws.logits.ptr,
+                d.vocab,
+                0.0,
+            )?;
+            sink(self, ws.logits.ptr, rows.len())?;
+        }
+        Ok(())
+    }
+}
