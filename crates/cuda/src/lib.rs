@@ -18,6 +18,7 @@ pub mod backend;
 pub mod debug;
 pub mod driver;
 pub mod kernels;
+pub mod moe_gemm;
 #[cfg(test)]
 mod sha256;
 pub mod upload;

@@ -1,0 +1,241 @@
+//! Grouped expert GEMM on packed weights (kernels/moe_gemm.cu): the tensor-core path for
+//! prefill chunks and batched decode.
+//!
+//! Per MoE layer and step of `T` tokens with `K` experts each:
+//! 1. [`MoeGemm::route`]: the `T*K` (token, expert) pairs sorted by expert (stable, deterministic)
+//!    into `pair_tok` (token of sorted row `r`), `pair_of` (sorted row of pair `t*K + k`) and a
+//!    list of tiles `(expert, r0, nr, 0)` of at most `BN` sorted rows of one expert.
+//! 2. [`MoeGemm::gemm`] with the layer's gate_up table, `x` = the normed hidden rows (bf16
+//!    `[T][H]`), `gather` = `pair_tok`, [`GEMM_SWIGLU`]: `act` (bf16 `[T*K][I]`, sorted rows).
+//! 3. [`MoeGemm::gemm`] with the down table, `x` = `act`, no gather, [`GEMM_F32`]: `y` (f32
+//!    `[T*K][H]`, sorted rows).
+//! 4. [`MoeGemm::combine`]: `x[t] += sum_k wsel[t*K+k] * y[pair_of[t*K+k]]` (k ascending).
+//!
+//! The same GEMM runs one dense matrix over `T` rows ([`Tiles::Dense`]).
+//!
+//! [`TileN::N64`] (64 tokens per tile) is for prefill (compute-bound), [`TileN::N16`] (16 tokens)
+//! for batched decode, where an expert gets a few tokens and every weight byte should be read
+//! once. Both tile 128 weight rows per block; the route must be run with the same `BN` as the
+//! GEMM that uses its tiles.
+//!
+//! Every buffer argument is a device address (`u64`); the launchers only queue work on the
+//! stream.
+
+use std::ffi::c_void;
+
+use crate::driver::{Func, Gpu, Module, Stream, launch_threads};
+use crate::kernels::MOE_GEMM_FATBIN;
+
+/// `out[r*ldo + row] = acc + bias[row]` (f32).
+pub const GEMM_F32: i32 = 0;
+/// `out[r*ldo + row] += acc + bias[row]` (f32, residual add).
+pub const GEMM_F32_ADD: i32 = 1;
+/// Weight rows `2i` / `2i+1` are gate / up of output `i`:
+/// `out[r*ldo + i] = bf16(clamped_swiglu(gate + bias[2i], up + bias[2i+1], alpha, limit))`.
+pub const GEMM_SWIGLU: i32 = 2;
+
+/// Weight rows per block of the GEMM kernels.
+pub const BM: usize = 128;
+/// Most pairs (`T*K`) one [`MoeGemm::route`] sorts.
+pub const ROUTE_MAX_PAIRS: usize = 16384;
+/// Most experts [`MoeGemm::route`] handles.
+pub const ROUTE_MAX_EXPERTS: usize = 128;
+/// Threads of the route kernel (one block).
+const ROUTE_THREADS: u32 = 1024;
+
+/// Token-tile width of a GEMM launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TileN {
+    /// 64 tokens per tile (`k_gemm_q_n64`): prefill.
+    N64,
+    /// 16 tokens per tile (`k_gemm_q_n16`): batched decode.
+    N16,
+}
+
+impl TileN {
+    /// Tokens per tile (`BN`).
+    pub fn bn(self) -> usize {
+        match self {
+            TileN::N64 => 64,
+            TileN::N16 => 16,
+        }
+    }
+
+    /// Dynamic shared memory of the kernel: double-buffered bf16 tiles of `BM` weight rows and
+    /// `BN` tokens, rows of 72 elements.
+    pub fn smem_bytes(self) -> usize {
+        2 * (BM + self.bn()) * 72 * 2
+    }
+}
+
+/// Size of the `tiles` buffer for `pairs` sorted pairs over `experts` experts (an upper bound
+/// on the tiles [`MoeGemm::route`] writes; also the GEMM grid's y extent).
+pub fn moe_tile_bound(pairs: usize, experts: usize, bn: usize) -> usize {
+    pairs / bn + experts
+}
+
+/// Which rows a GEMM launch multiplies.
+#[derive(Debug, Clone, Copy)]
+pub enum Tiles {
+    /// Tile list from [`MoeGemm::route`]: `tiles` (int4 `[max_tiles]`), `ntiles` (int `[1]`),
+    /// `max_tiles` = [`moe_tile_bound`] of the route (blocks past `*ntiles` exit at once).
+    Moe {
+        tiles: u64,
+        ntiles: u64,
+        max_tiles: usize,
+    },
+    /// One matrix (`mats[0]`) over rows `0..t`: tile `y` = rows `y*BN .. min((y+1)*BN, t)`.
+    Dense { t: usize },
+}
+
+/// Arguments of one GEMM launch (see moe_gemm.cu).
+#[derive(Debug, Clone, Copy)]
+pub struct GemmArgs {
+    /// Device array of `QMat` indexed by the tile's expert (dense: one `QMat`). Every matrix has
+    /// `rows` x `cols`; the kinds may differ (read per tile on the device).
+    pub mats: u64,
+    pub rows: usize,
+    pub cols: usize,
+    pub tiles: Tiles,
+    /// bf16 input rows (16-byte aligned), `ldx` elements apart (a multiple of 8).
+    pub x: u64,
+    pub ldx: usize,
+    /// 0: sorted row `r` reads input row `r`; else an int array: input row `gather[r]`.
+    pub gather: u64,
+    /// [`GEMM_F32`], [`GEMM_F32_ADD`] or [`GEMM_SWIGLU`].
+    pub mode: i32,
+    /// Output (f32, or bf16 for [`GEMM_SWIGLU`]), row `r` at `out + r*ldo` elements.
+    pub out: u64,
+    pub ldo: usize,
+    /// SwiGLU parameters (unused by the other modes).
+    pub alpha: f32,
+    pub limit: f32,
+}
+
+/// Builds the argument pointer array of a launch from local variables.
+macro_rules! args {
+    ($($a:ident),* $(,)?) => {
+        [$( &$a as *const _ as *mut c_void ),*]
+    };
+}
+
+/// The loaded moe_gemm.cu kernels.
+pub struct MoeGemm {
+    _module: Module,
+    route: Func,
+    n64: Func,
+    n16: Func,
+    combine: Func,
+}
+
+impl MoeGemm {
+    /// Loads the image and raises the dynamic shared-memory limit of the GEMM kernels.
+    pub fn load(gpu: &Gpu) -> Result<MoeGemm, String> {
+        let module = gpu.load_module(MOE_GEMM_FATBIN)?;
+        let k = MoeGemm {
+            route: module.function("k_moe_route")?,
+            n64: module.function("k_gemm_q_n64")?,
+            n16: module.function("k_gemm_q_n16")?,
+            combine: module.function("k_moe_combine")?,
+            _module: module,
+        };
+        k.n64.set_max_dynamic_smem(TileN::N64.smem_bytes())?;
+        k.n16.set_max_dynamic_smem(TileN::N16.smem_bytes())?;
+        Ok(k)
+    }
+
+    /// Sorts the `t*k` pairs of `sel` (int `[t*k]`, expert of pair `(t, k)` at `t*k + k`, each
+    /// `< e`) by expert, stably (within an expert by token, then k). Writes `pair_tok` (int
+    /// `[t*k]`), `pair_of` (int `[t*k]`), `tiles` (int4, room for [`moe_tile_bound`]`(t*k, e,
+    /// bn)`) and `ntiles` (int `[1]`). One block; `t*k <= ROUTE_MAX_PAIRS`, `e <=
+    /// ROUTE_MAX_EXPERTS`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn route(
+        &self,
+        s: &Stream,
+        sel: u64,
+        t: usize,
+        k: usize,
+        e: usize,
+        bn: usize,
+        pair_tok: u64,
+        pair_of: u64,
+        tiles: u64,
+        ntiles: u64,
+    ) -> Result<(), String> {
+        if t * k > ROUTE_MAX_PAIRS || e > ROUTE_MAX_EXPERTS || bn == 0 {
+            return Err(format!(
+                "k_moe_route: {t}x{k} pairs over {e} experts (at most {ROUTE_MAX_PAIRS} pairs, {ROUTE_MAX_EXPERTS} experts)"
+            ));
+        }
+        let (t, k, e, bn) = (t as i32, k as i32, e as i32, bn as i32);
+        let mut a = args!(sel, t, k, e, bn, pair_tok, pair_of, tiles, ntiles);
+        launch_threads(self.route, (1, 1, 1), ROUTE_THREADS, 0, s, &mut a)
+    }
+
+    /// `C = W_e · X^T` per tile with the epilogue of `g.mode` (see [`GemmArgs`]). Checks
+    /// `cols % 64 == 0`, `rows % 16 == 0` and the alignment of `x` / `ldx`.
+    pub fn gemm(&self, s: &Stream, tn: TileN, g: &GemmArgs) -> Result<(), String> {
+        if g.cols == 0 || !g.cols.is_multiple_of(64) || !g.rows.is_multiple_of(16) {
+            return Err(format!(
+                "moe_gemm: {}x{} matrices (rows must be a multiple of 16, cols of 64)",
+                g.rows, g.cols
+            ));
+        }
+        if !g.ldx.is_multiple_of(8) || !g.x.is_multiple_of(16) || g.ldx < g.cols {
+            return Err(format!(
+                "moe_gemm: input rows must be 16-byte aligned with ldx >= cols (ldx {})",
+                g.ldx
+            ));
+        }
+        if ![GEMM_F32, GEMM_F32_ADD, GEMM_SWIGLU].contains(&g.mode) {
+            return Err(format!("moe_gemm: unknown mode {}", g.mode));
+        }
+        let bn = tn.bn();
+        let (tiles, ntiles, t, ny) = match g.tiles {
+            Tiles::Moe {
+                tiles,
+                ntiles,
+                max_tiles,
+            } => (tiles, ntiles, 0usize, max_tiles),
+            Tiles::Dense { t } => (0u64, 0u64, t, t.div_ceil(bn)),
+        };
+        if ny == 0 || g.rows == 0 {
+            return Ok(());
+        }
+        let grid = (g.rows.div_ceil(BM) as u32, ny as u32, 1);
+        let f = match tn {
+            TileN::N64 => self.n64,
+            TileN::N16 => self.n16,
+        };
+        let (mats, x, gather, mode, out, alpha, limit) =
+            (g.mats, g.x, g.gather, g.mode, g.out, g.alpha, g.limit);
+        let (t, ldx, ldo) = (t as i32, g.ldx as i32, g.ldo as i32);
+        let mut a = args!(
+            mats, tiles, ntiles, t, x, ldx, gather, mode, out, ldo, alpha, limit
+        );
+        launch_threads(f, grid, 256, tn.smem_bytes(), s, &mut a)
+    }
+
+    /// `x[t][c] += sum_k wsel[t*k+k] * y[pair_of[t*k+k]][c]` for `t < tokens` (`x` f32
+    /// `[tokens][h]`, `y` f32 `[tokens*k][h]` in sorted order, `wsel` f32 `[tokens*k]`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn combine(
+        &self,
+        s: &Stream,
+        x: u64,
+        y: u64,
+        pair_of: u64,
+        wsel: u64,
+        tokens: usize,
+        k: usize,
+        h: usize,
+    ) -> Result<(), String> {
+        if tokens == 0 {
+            return Ok(());
+        }
+        let (t, k, h) = (tokens as i32, k as i32, h as i32);
+        let mut a = args!(x, y, pair_of, wsel, t, k, h);
+        launch_threads(self.combine, (tokens as u32, 1, 1), 256, 0, s, &mut a)
+    }
+}
