@@ -17,6 +17,7 @@ pub mod backend;
 #[doc(hidden)]
 pub mod debug;
 pub mod driver;
+pub mod flash;
 pub mod kernels;
 pub mod moe_gemm;
 #[cfg(test)]
