@@ -22,8 +22,9 @@
 //   Per tile: K/V staged in shared memory as [64 keys][72 halves] (64 + 8 padding: the 8 rows
 //         of an ldmatrix hit distinct banks), double buffered: 16-bit caches by cp.async
 //         (zero-fill past the last key), an f32 cache through registers, converted to f16.
-//         S = Q K^T (Q fragments in registers, pre-scaled by 0.125 = 1/sqrt(64), exact;
-//         K fragments by ldmatrix), online softmax in f32 (running max initialised with the
+//         S = Q K^T (Q fragments in registers, pre-scaled by 0.125 = 1/sqrt(64), exact; for
+//         bf16 MMAs Q is split into hi + lo bf16 parts, two MMAs each, so S is as exact as
+//         with f32 Q; K fragments by ldmatrix), online softmax in f32 (running max initialised with the
 //         head's sink logit and running sum with 1 = the sink's own term, so the sink joins the
 //         max and the denominator but has no value), P rounded to the MMA type and multiplied
 //         by V (ldmatrix.trans), out = o / l. MMA type: bf16 for a bf16 cache, f16 for f16 and
@@ -142,20 +143,26 @@ __device__ __forceinline__ void flash_body(const SegDev* __restrict__ sgp, int l
     const int wlo_all = window > 0 ? pw1 - window + 1 : 0;   // first key all warp rows see
 
     // Q fragments (A operand, row-major 16x16 per k-step of 16 dims), scaled by 0.125 (exact).
-    unsigned qf[4][4];
+    // bf16 MMAs: Q = hi + lo (two bf16 parts, 16 significant bits; a lone bf16 Q costs ~1e-2
+    // relative in the output at peaky attention); f16 MMAs: one f16 part (11 bits) suffices.
+    unsigned qf[4][4], ql[4][4];
     {
         const float* qa = q + (size_t)(q0 + iA) * qd + hA * HEAD_DIM + 2 * cq;
         const float* qb = q + (size_t)(q0 + iB) * qd + hB * HEAD_DIM + 2 * cq;
 #pragma unroll
         for (int ks = 0; ks < 4; ks++) {
-            float2 a0 = *reinterpret_cast<const float2*>(qa + ks * 16);
-            float2 b0 = *reinterpret_cast<const float2*>(qb + ks * 16);
-            float2 a1 = *reinterpret_cast<const float2*>(qa + ks * 16 + 8);
-            float2 b1 = *reinterpret_cast<const float2*>(qb + ks * 16 + 8);
-            qf[ks][0] = pack2<BF>(a0.x * 0.125f, a0.y * 0.125f);
-            qf[ks][1] = pack2<BF>(b0.x * 0.125f, b0.y * 0.125f);
-            qf[ks][2] = pack2<BF>(a1.x * 0.125f, a1.y * 0.125f);
-            qf[ks][3] = pack2<BF>(b1.x * 0.125f, b1.y * 0.125f);
+            float2 x[4];
+            x[0] = *reinterpret_cast<const float2*>(qa + ks * 16);
+            x[1] = *reinterpret_cast<const float2*>(qb + ks * 16);
+            x[2] = *reinterpret_cast<const float2*>(qa + ks * 16 + 8);
+            x[3] = *reinterpret_cast<const float2*>(qb + ks * 16 + 8);
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float a = x[e].x * 0.125f, b = x[e].y * 0.125f;
+                const unsigned h = pack2<BF>(a, b);
+                qf[ks][e] = h;
+                ql[ks][e] = BF ? pack2<true>(a - bf_lo(h), b - bf_hi(h)) : 0u;
+            }
         }
     }
 
@@ -249,6 +256,10 @@ __device__ __forceinline__ void flash_body(const SegDev* __restrict__ sgp, int l
                 for (int np = 0; np < 4; np++) {
                     unsigned b0, b1, b2, b3;
                     ldsm4(kbase + (np * 16 * FA_LD + ks * 16) * 2, b0, b1, b2, b3);
+                    if (BF) {
+                        mma16816<BF>(s[2 * np], ql[ks], b0, b1);
+                        mma16816<BF>(s[2 * np + 1], ql[ks], b2, b3);
+                    }
                     mma16816<BF>(s[2 * np], qf[ks], b0, b1);
                     mma16816<BF>(s[2 * np + 1], qf[ks], b2, b3);
                 }
