@@ -14,6 +14,7 @@
 //! `scripts/build_kernels.sh`.
 
 pub mod backend;
+mod blas;
 #[doc(hidden)]
 pub mod debug;
 pub mod driver;
@@ -23,6 +24,7 @@ pub mod moe_gemm;
 #[cfg(test)]
 mod sha256;
 pub mod upload;
+mod wide;
 
 pub use backend::{CudaBackend, CudaOptions, LoadReport};
 pub use driver::DeviceInfo;
