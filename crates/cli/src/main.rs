@@ -36,7 +36,24 @@ enum Command {
     Serve(commands::serve::Args),
 }
 
+/// Keeps freed large allocations in the process instead of returning them to the kernel.
+///
+/// Every decode step hands the engine one logits row per sequence (0.8 MB each for the 20b's
+/// 201k-token vocabulary: 26 MB for 32 sequences). glibc serves such blocks with fresh `mmap`s
+/// (or trims the heap after they are freed), so every step touched ~6,000 new pages: measured on
+/// the H100 machine, the page faults cost 15 ms of a 45 ms 32-sequence step. Raising the mmap and
+/// trim thresholds lets the same memory be reused from step to step.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20); // glibc's maximum
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(a) => commands::inspect::run(a),

@@ -850,7 +850,7 @@ impl CudaBackend {
                 self.grow(c, pos + 1)?;
             }
             let vocab = self.dims.vocab;
-            let mut all = vec![0f32; rows.len() * vocab];
+            let mut out = vec![Vec::new(); rows.len()];
             if rows.len() > MAXT {
                 let toks: Vec<[u32; 1]> = rows.iter().map(|r| [r.1]).collect();
                 let segs: Vec<WideSeg<'_>> = cs
@@ -862,8 +862,7 @@ impl CudaBackend {
                 let lm: Vec<usize> = (0..rows.len()).collect();
                 let mut done = 0;
                 self.run_wide(&segs, &lm, &mut |b, ptr, n| {
-                    b.gpu
-                        .download(&mut all[done * vocab..(done + n) * vocab], ptr)?;
+                    b.download_logit_rows(&mut out[done..done + n], ptr)?;
                     done += n;
                     Ok(())
                 })?;
@@ -875,9 +874,10 @@ impl CudaBackend {
                     .collect();
                 let sp = self.params_of(&params);
                 self.run_chunk(&sp, Some((0, rows.len())))?;
-                self.gpu.download(&mut all, self.scratch.logits.ptr)?;
+                self.download_logit_rows(&mut out, self.scratch.logits.ptr)?;
             }
-            Ok(all.chunks(vocab).map(|r| r.to_vec()).collect())
+            debug_assert!(out.iter().all(|r| r.len() == vocab));
+            Ok(out)
         })();
         for (c, &(seq, _, pos)) in caches.into_iter().zip(rows) {
             if let Ok(mut c) = c {
@@ -1187,7 +1187,7 @@ impl Backend for CudaBackend {
                 |b, ptr, count| {
                     let start = rows.len();
                     rows.resize(start + count * vocab, 0.0);
-                    b.gpu.download(&mut rows[start..], ptr)
+                    b.download_logits(&mut rows[start..], ptr)
                 },
             )
             .map_err(failed)?;

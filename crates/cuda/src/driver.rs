@@ -419,3 +419,80 @@ impl Drop for Timer {
         }
     }
 }
+
+/// Page-locked host memory for device-to-host copies: the driver copies pageable memory through
+/// a bounce buffer (about 1 GB/s measured on the H100 machine for the 26 MB of logits of a
+/// 32-sequence decode step), pinned memory at PCIe speed.
+pub struct PinnedBuf {
+    ptr: *mut c_void,
+    pub bytes: usize,
+}
+
+// SAFETY: plain host memory, owned; used from the thread holding the backend.
+unsafe impl Send for PinnedBuf {}
+
+impl Drop for PinnedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `Gpu::alloc_pinned`, freed once (the context is still alive:
+        // owners drop it before the `Gpu`).
+        unsafe {
+            let _ = result::free_host(self.ptr);
+        }
+    }
+}
+
+impl Gpu {
+    /// `bytes` of page-locked host memory.
+    pub fn alloc_pinned(&self, bytes: usize) -> Result<PinnedBuf, String> {
+        // SAFETY: a plain allocation; flags 0 = page-locked, this context.
+        let ptr = unsafe { result::malloc_host(bytes.max(1), 0) }.map_err(|e| {
+            cu_err(
+                &format!("allocating {bytes} bytes of pinned host memory"),
+                e,
+            )
+        })?;
+        Ok(PinnedBuf { ptr, bytes })
+    }
+
+    /// Copies `n` values from the device at `src` into the pinned buffer `pin` after the
+    /// stream's queued work and returns them (valid until `pin` is used again).
+    pub fn download_pinned<'p, T: Copy>(
+        &self,
+        src: u64,
+        n: usize,
+        pin: &'p PinnedBuf,
+    ) -> Result<&'p [T], String> {
+        let bytes = n * std::mem::size_of::<T>();
+        if bytes > pin.bytes {
+            return Err(format!(
+                "download of {bytes} bytes through a {}-byte pinned buffer",
+                pin.bytes
+            ));
+        }
+        if n == 0 {
+            return Ok(&[]);
+        }
+        // SAFETY: `pin` holds `bytes` (page-locked, aligned for any T); the copy is complete
+        // after the stream synchronises; the source holds `n` values (the caller's contract);
+        // the borrow of `pin` keeps the memory alive while the slice is used.
+        unsafe {
+            let staged = std::slice::from_raw_parts_mut(pin.ptr as *mut T, n);
+            result::memcpy_dtoh_async(staged, src, self.stream.0)
+                .map_err(|e| cu_err("copying from the GPU", e))?;
+            self.sync()?;
+            Ok(staged)
+        }
+    }
+
+    /// Copies `dst.len()` values from the device at `src` into `dst` through `pin`.
+    pub fn download_via<T: Copy>(
+        &self,
+        dst: &mut [T],
+        src: u64,
+        pin: &PinnedBuf,
+    ) -> Result<(), String> {
+        let staged = self.download_pinned::<T>(src, dst.len(), pin)?;
+        dst.copy_from_slice(staged);
+        Ok(())
+    }
+}

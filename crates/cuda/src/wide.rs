@@ -16,7 +16,7 @@ use std::mem::{offset_of, size_of};
 
 use crate::backend::{CudaBackend, SeqCache};
 use crate::blas::Blas;
-use crate::driver::{DevBuf, Func, Gpu, Module, Stream, launch_threads};
+use crate::driver::{DevBuf, Event, Func, Gpu, Module, PinnedBuf, Stream, launch_threads};
 use crate::flash::FlashAttn;
 use crate::kernels::{Dims, K_BF16, LayerDev, MAX_SEGS, MAXT, QMat, SegDev, WIDE_FATBIN};
 use crate::moe_gemm::{
@@ -29,6 +29,9 @@ macro_rules! args {
         [$( &$a as *const _ as *mut std::ffi::c_void ),*]
     };
 }
+
+/// Fewest logits rows for which the wide path's lm_head uses a cuBLAS GEMM.
+pub const LM_GEMM_MIN_ROWS: usize = 5;
 
 /// Most logits rows one lm_head GEMM of the wide path computes (the size of its logits buffer).
 pub const WIDE_LM_ROWS: usize = MAX_SEGS;
@@ -196,6 +199,8 @@ pub(crate) struct WideScratch {
     pub(crate) y: DevBuf,
     /// lm_head output f32 [WIDE_LM_ROWS][vocab].
     pub(crate) logits: DevBuf,
+    /// Pinned host staging of `logits` (see [`PinnedBuf`]).
+    pub(crate) logits_host: PinnedBuf,
 }
 
 impl WideScratch {
@@ -226,6 +231,7 @@ impl WideScratch {
             act: a(pairs * d.inter * 2)?,
             y: a(pairs * d.h * 4)?,
             logits: a(WIDE_LM_ROWS * d.vocab * 4)?,
+            logits_host: gpu.alloc_pinned(WIDE_LM_ROWS * d.vocab * 4)?,
         })
     }
 }
@@ -273,10 +279,93 @@ impl Wide {
     }
 }
 
+/// Per-phase device times of wide launches, printed to stderr when `GPTOSS_CUDA_WIDE_PROFILE`
+/// is set (a diagnostic: events between the phases of one launch).
+struct WideProfile {
+    marks: Option<Vec<(&'static str, Event)>>,
+}
+
+impl WideProfile {
+    fn new() -> Result<WideProfile, String> {
+        let on = std::env::var("GPTOSS_CUDA_WIDE_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0");
+        Ok(WideProfile {
+            marks: on.then(Vec::new),
+        })
+    }
+
+    fn mark(&mut self, s: &Stream, name: &'static str) -> Result<(), String> {
+        if let Some(m) = &mut self.marks {
+            let e = Event::new()?;
+            e.record(s)?;
+            m.push((name, e));
+        }
+        Ok(())
+    }
+
+    fn report(&self, t: usize) -> Result<(), String> {
+        let Some(marks) = &self.marks else {
+            return Ok(());
+        };
+        let mut total: Vec<(&str, f64)> = Vec::new();
+        for w in marks.windows(2) {
+            let ms = w[0].1.ms_to(&w[1].1)? as f64;
+            match total.iter_mut().find(|(n, _)| *n == w[0].0) {
+                Some(e) => e.1 += ms,
+                None => total.push((w[0].0, ms)),
+            }
+        }
+        let all: f64 = total.iter().map(|e| e.1).sum();
+        let parts: Vec<String> = total.iter().map(|(n, ms)| format!("{n} {ms:.3}")).collect();
+        eprintln!("wide launch T={t}: {all:.3} ms = {}", parts.join(", "));
+        Ok(())
+    }
+}
+
 /// One sequence of a wide launch: its cache, its new tokens, the position of the first.
 pub(crate) type WideSeg<'a> = (&'a SeqCache, &'a [u32], usize);
 
 impl CudaBackend {
+    /// Copies `dst.len()` f32 logits from the device at `src` (through the wide path's pinned
+    /// buffer when it has one and they fit).
+    pub(crate) fn download_logits(&self, dst: &mut [f32], src: u64) -> Result<(), String> {
+        match &self.wide {
+            Some(w) if dst.len() * 4 <= w.scratch.logits_host.bytes => {
+                self.gpu.download_via(dst, src, &w.scratch.logits_host)
+            }
+            _ => self.gpu.download(dst, src),
+        }
+    }
+
+    /// Copies `rows.len()` rows of logits from the device at `src` into `rows` (each resized to
+    /// the vocabulary): one copy into the pinned buffer, then one host copy per row.
+    pub(crate) fn download_logit_rows(
+        &self,
+        rows: &mut [Vec<f32>],
+        src: u64,
+    ) -> Result<(), String> {
+        let vocab = self.dims.vocab;
+        let pin = match &self.wide {
+            Some(w) if rows.len() * vocab * 4 <= w.scratch.logits_host.bytes => {
+                &w.scratch.logits_host
+            }
+            _ => {
+                for (i, r) in rows.iter_mut().enumerate() {
+                    r.resize(vocab, 0.0);
+                    self.gpu.download(r, src + (i * vocab * 4) as u64)?;
+                }
+                return Ok(());
+            }
+        };
+        let staged = self
+            .gpu
+            .download_pinned::<f32>(src, rows.len() * vocab, pin)?;
+        for (r, s) in rows.iter_mut().zip(staged.chunks(vocab)) {
+            r.clear();
+            r.extend_from_slice(s);
+        }
+        Ok(())
+    }
+
     /// Runs one wide launch: the tokens of `segs` (at most `cap` in all, at most [`MAX_SEGS`]
     /// sequences; caches already grown to hold them), then lm_head for the launch rows `lm`
     /// (ascending), handing each computed block of logits rows to `sink(backend, device
@@ -325,6 +414,8 @@ impl CudaBackend {
         let nseg = segs.len();
         let (qd, kvd) = (d.q_dim, d.kv_dim);
         let ldqkv = qd + 2 * kvd;
+        let mut prof = WideProfile::new()?;
+        prof.mark(s, "embed")?;
         w.k.embed(s, &m.embed, ws.tok.ptr, ws.x.ptr, d.h, t)?;
         // Experts: tiles of 16 tokens when an expert gets few (batched decode), else 64.
         let tn = if t * d.k < 32 * d.e {
@@ -336,6 +427,7 @@ impl CudaBackend {
         for l in 0..d.layers {
             let lh = &m.layers[l];
             let ld = m.layer_dev.ptr;
+            prof.mark(s, "norm + q/k/v")?;
             w.k.rmsnorm(s, ws.x.ptr, 0, lh.in_norm, d.eps, d.h, t, 0, ws.xb.ptr, 0)?;
             let mut biases = [0u64; 3];
             for (i, (qm, off, col)) in [
@@ -379,11 +471,13 @@ impl CudaBackend {
                     w.moe.gemm(s, dense_tn, &g)?;
                 }
             }
+            prof.mark(s, "rope")?;
             w.k.rope(
                 s, ws.qkv.ptr, biases, ws.pos.ptr, m.cos.ptr, m.sin.ptr, ws.q.ptr, ws.kn.ptr,
                 ws.vn.ptr, d, t,
             )?;
             let (ring, window) = attn_geometry(lh);
+            prof.mark(s, "flash attention")?;
             w.flash.launch(
                 s,
                 ws.segs.ptr,
@@ -401,6 +495,7 @@ impl CudaBackend {
                 d.nkv,
                 d.kv.mode(),
             )?;
+            prof.mark(s, "kv store")?;
             w.k.kv_store(
                 s,
                 ws.segs.ptr,
@@ -412,6 +507,7 @@ impl CudaBackend {
                 d,
                 ring,
             )?;
+            prof.mark(s, "o_proj + norm + router")?;
             let o_bias = if use_blas(&w.blas, &lh.o) {
                 let b = w.blas.as_ref().expect("checked");
                 b.gemm_bf16(lh.o.w, d.h, qd, ws.attn.ptr, qd, t, ws.x.ptr, d.h, 1.0)?;
@@ -447,6 +543,7 @@ impl CudaBackend {
                 ws.hf.ptr,
             )?;
             w.k.router(s, &lh.router, ws.hf.ptr, d, t, ws.sel.ptr, ws.wsel.ptr)?;
+            prof.mark(s, "moe route")?;
             w.moe.route(
                 s,
                 ws.sel.ptr,
@@ -478,6 +575,7 @@ impl CudaBackend {
                 alpha: d.alpha,
                 limit: d.limit,
             };
+            prof.mark(s, "moe gate_up")?;
             w.moe.gemm(s, tn, &gu)?;
             let dn = GemmArgs {
                 mats: lh.dn,
@@ -491,7 +589,9 @@ impl CudaBackend {
                 ldo: d.h,
                 ..gu
             };
+            prof.mark(s, "moe down")?;
             w.moe.gemm(s, tn, &dn)?;
+            prof.mark(s, "moe combine")?;
             w.moe.combine(
                 s,
                 ws.x.ptr,
@@ -503,7 +603,13 @@ impl CudaBackend {
                 d.h,
             )?;
         }
-        self.wide_lm_head(lm, sink)
+        prof.mark(s, "lm_head")?;
+        self.wide_lm_head(lm, sink)?;
+        prof.mark(s, "end")?;
+        if prof.marks.is_some() {
+            self.gpu.sync()?;
+        }
+        prof.report(t)
     }
 
     /// lm_head of the launch rows `lm` of the wide residual stream (see [`Self::run_wide`]).
@@ -515,7 +621,13 @@ impl CudaBackend {
         let w = self.wide.as_ref().ok_or("the wide path is not loaded")?;
         let (s, d, m, ws) = (&self.gpu.stream, &self.dims, &self.model, &w.scratch);
         let consecutive = lm.windows(2).all(|p| p[1] == p[0] + 1);
-        let gemm = lm.len() > MAXT && w.blas.is_some() && m.lm_head.kind == K_BF16;
+        // cuBLAS for many rows; the decode path's lm_head kernel (4 rows per pass over the
+        // 1.2 GB matrix) for a few (GPTOSS_CUDA_LM_GEMM_MIN overrides the crossover, for tuning).
+        let min_rows = std::env::var("GPTOSS_CUDA_LM_GEMM_MIN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(LM_GEMM_MIN_ROWS);
+        let gemm = lm.len() >= min_rows && w.blas.is_some() && m.lm_head.kind == K_BF16;
         if !gemm {
             // The decode path's lm_head (+ argmax) on blocks of consecutive rows.
             let mut i = 0;
