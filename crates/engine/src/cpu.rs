@@ -17,7 +17,7 @@ use gptoss_model::reference::{KvCache, ReferenceError, ReferenceModel, SeqInput}
 
 use crate::backend::{
     Backend, BackendError, Logits, LogitsWanted, SeqId, StepBatch, check_start_positions,
-    validate_batch,
+    greedy_token, validate_batch,
 };
 
 /// Default limit on the tokens of one batch.
@@ -166,7 +166,9 @@ pub(crate) fn forward_cached(
 }
 
 /// The logits `batch` wants from the final hidden states `hidden` (`[tokens, hidden]`, in step
-/// order): only the wanted rows go through `logits_for` (the final norm and lm_head).
+/// order): only the wanted rows go through `logits_for` (the final norm and lm_head). A
+/// [`LogitsWanted::LastGreedy`] step computes its last row like `Last`, but returns no row: only
+/// [`greedy_token`] of it (the host-side counterpart of a GPU backend's on-device arg-max).
 pub(crate) fn wanted_logits(
     batch: &StepBatch,
     hidden: &[f32],
@@ -181,7 +183,7 @@ pub(crate) fn wanted_logits(
         let n = s.tokens.len();
         let (first, count) = match s.want_logits {
             LogitsWanted::All => (start, n),
-            LogitsWanted::Last => (start + n - 1, 1),
+            LogitsWanted::Last | LogitsWanted::LastGreedy => (start + n - 1, 1),
         };
         rows.extend_from_slice(&hidden[first * h..(first + count) * h]);
         counts.push(count);
@@ -190,10 +192,18 @@ pub(crate) fn wanted_logits(
     let logits = logits_for(&rows);
     let vocab = config.vocab_size;
     let mut steps = Vec::with_capacity(counts.len());
+    let mut greedy = Vec::with_capacity(counts.len());
     let mut r = 0;
-    for c in counts {
-        steps.push(logits[r * vocab..(r + c) * vocab].to_vec());
+    for (s, c) in batch.steps.iter().zip(counts) {
+        let block = &logits[r * vocab..(r + c) * vocab];
+        if s.want_logits == LogitsWanted::LastGreedy {
+            steps.push(Vec::new());
+            greedy.push(greedy_token(block));
+        } else {
+            steps.push(block.to_vec());
+            greedy.push(None);
+        }
         r += c;
     }
-    Logits::new(vocab, steps)
+    Logits::with_greedy(vocab, steps, greedy)
 }

@@ -10,7 +10,8 @@
 //! a refused batch reaches no rank; the ranks' own checks (token ids, positions) are identical on
 //! every rank and made before any cache change or collective, so a batch is all-or-nothing on all
 //! ranks. Rank 0's logits are returned (every rank holds the same full logits after the final
-//! all-gather).
+//! all-gather); a [`LogitsWanted::LastGreedy`](crate::backend::LogitsWanted::LastGreedy) step gets
+//! the greedy token of its gathered last row instead of the row, as in `CpuBackend`.
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -15,7 +15,11 @@
 //!    `logit[t] -= frequency_penalty * count[t] + presence_penalty * (count[t] > 0)`.
 //! 3. **Temperature**: `temperature == 0` (anything below
 //!    [`GREEDY_TEMPERATURE_EPS`]) is greedy: the arg-max of the penalised
-//!    logits, ties going to the lowest token id; no randomness is consumed.
+//!    logits, ties going to the lowest token id (except that a raw `+inf`
+//!    beats a finite `f32::MAX`); no randomness is consumed. Without
+//!    penalties this is exactly [`greedy_token`](crate::backend::greedy_token),
+//!    which lets the engine take a backend's on-device arg-max instead
+//!    ([`Sampler::wants_only_argmax`], [`Sampler::accept_greedy`]).
 //!    Otherwise probabilities are `softmax(logit / temperature)`.
 //! 4. **top-k**: keep the `k` most likely tokens.
 //! 5. **top-p** (nucleus): of what is left, keep the most likely tokens while
@@ -418,6 +422,38 @@ impl Sampler {
         self.generated += 1;
     }
 
+    /// Whether this sampler's choice depends on nothing but the arg-max of the
+    /// raw logits: greedy decoding, no logprobs (not even `Some(0)`: the
+    /// engine then still reports the sampled token's logprob), and no
+    /// repetition, frequency or presence penalty. The engine then asks the
+    /// backend for [`LogitsWanted::LastGreedy`](crate::backend::LogitsWanted)
+    /// (the greedy token, no logits row) and records the token with
+    /// [`Sampler::accept_greedy`].
+    pub fn wants_only_argmax(&self) -> bool {
+        let p = &self.params;
+        p.is_greedy()
+            && p.logprobs.is_none()
+            && p.repetition_penalty.is_none_or(|rp| rp == 1.0)
+            && p.frequency_penalty == 0.0
+            && p.presence_penalty == 0.0
+    }
+
+    /// Records `id`, the greedy token a backend picked from the raw logits
+    /// ([`greedy_token`](crate::backend::greedy_token)), as generated, and
+    /// returns it: what [`Sampler::sample`] would have returned for that row
+    /// when [`Sampler::wants_only_argmax`] holds, except that the
+    /// log-probability is not computed (`logprob` is `NaN`; it is only ever
+    /// reported when logprobs were asked for, which excludes this path) and
+    /// `top_logprobs` is empty.
+    pub fn accept_greedy(&mut self, id: u32) -> SampledToken {
+        self.accept(id);
+        SampledToken {
+            id,
+            logprob: f32::NAN,
+            top_logprobs: Vec::new(),
+        }
+    }
+
     /// Samples the next token from one step's `logits` (one entry per
     /// vocabulary id) and records it as generated.
     ///
@@ -444,8 +480,17 @@ impl Sampler {
         }
 
         let id = if self.params.is_greedy() {
-            // First (lowest) id holding the maximum.
-            self.scratch.iter().position(|&x| x == max).unwrap_or(0) as u32
+            // First (lowest) id holding the maximum; at `f32::MAX` (where `+inf` logits landed),
+            // a raw `+inf` beats a finite `f32::MAX`, so that the pick agrees with
+            // [`greedy_token`](crate::backend::greedy_token), the rule backends use for
+            // `LogitsWanted::LastGreedy`.
+            let first = self.scratch.iter().position(|&x| x == max).unwrap_or(0);
+            let inf = if max == f32::MAX {
+                (first..n).find(|&i| self.scratch[i] == max && logits[i] == f32::INFINITY)
+            } else {
+                None
+            };
+            inf.unwrap_or(first) as u32
         } else {
             self.draw(max)
         };
@@ -1087,6 +1132,167 @@ mod tests {
         for _ in 0..1000 {
             let u = uniform(&mut rng);
             assert!((0.0..1.0).contains(&u));
+        }
+    }
+
+    /// Rows of awkward values: NaN, ±inf, `f32::MAX`, ±0, heavy ties, and rows with nothing
+    /// above `-inf`.
+    fn awkward_rows() -> Vec<Vec<f32>> {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let specials = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            -f32::MAX,
+            0.0,
+            -0.0,
+            1.0,
+        ];
+        let mut rows: Vec<Vec<f32>> = vec![
+            vec![],
+            vec![f32::NAN],
+            vec![f32::NEG_INFINITY; 5],
+            vec![f32::NAN, f32::NEG_INFINITY, f32::NAN],
+            vec![0.0; 7],
+            vec![-0.0, 0.0],
+            vec![f32::MAX, f32::INFINITY, f32::MAX, f32::INFINITY],
+            vec![f32::NEG_INFINITY, f32::NAN, -f32::MAX],
+        ];
+        for i in 0..2000 {
+            let len = 1 + (next() % 40) as usize;
+            // Mostly few distinct values (ties), sometimes specials, sometimes wide floats.
+            let row = (0..len)
+                .map(|_| {
+                    let r = next();
+                    match r % 10 {
+                        0 | 1 => specials[(r >> 8) as usize % specials.len()],
+                        2..=5 => ((r >> 8) % 4) as f32 - 1.5,
+                        _ => ((r >> 11) as f64 / (1u64 << 53) as f64 * 40.0 - 20.0) as f32,
+                    }
+                })
+                .collect();
+            rows.push(row);
+            if i % 50 == 0 {
+                // No usable value at all.
+                rows.push(
+                    (0..len)
+                        .map(|j| {
+                            if j % 2 == 0 {
+                                f32::NAN
+                            } else {
+                                f32::NEG_INFINITY
+                            }
+                        })
+                        .collect(),
+                );
+            }
+        }
+        rows
+    }
+
+    #[test]
+    fn greedy_sampling_picks_the_greedy_token_of_the_row() {
+        use crate::backend::greedy_token;
+        let mut checked = (0, 0);
+        for (k, row) in awkward_rows().iter().enumerate() {
+            let mut sampler = Sampler::new(SamplingParams::greedy()).unwrap();
+            assert!(sampler.wants_only_argmax());
+            match (greedy_token(row), sampler.sample(row)) {
+                (Some(id), Ok(t)) => {
+                    assert_eq!(t.id, id, "row {k}: {row:?}");
+                    checked.0 += 1;
+                }
+                (None, Err(_)) => checked.1 += 1,
+                (g, r) => panic!("row {k} {row:?}: greedy_token {g:?}, sample {r:?}"),
+            }
+        }
+        assert!(checked.0 > 1000 && checked.1 > 10, "{checked:?}");
+    }
+
+    #[test]
+    fn accept_greedy_records_the_token_like_sample() {
+        let row = [0.5f32, 3.0, -1.0, 3.0];
+        let mut sampled = Sampler::new(SamplingParams::greedy()).unwrap();
+        let mut accepted = sampled.clone();
+        let a = sampled.sample(&row).unwrap();
+        let b = accepted.accept_greedy(1);
+        assert_eq!((a.id, b.id), (1, 1));
+        assert!(b.logprob.is_nan());
+        assert!(b.top_logprobs.is_empty());
+        for s in [&sampled, &accepted] {
+            assert_eq!(s.num_generated(), 1);
+            assert_eq!(s.count(1), 1);
+        }
+    }
+
+    #[test]
+    fn only_plain_greedy_parameters_want_only_the_argmax() {
+        let yes = |p: SamplingParams| Sampler::new(p).unwrap().wants_only_argmax();
+        let g = SamplingParams::greedy;
+        assert!(yes(g()));
+        // Filters and seeds change nothing at temperature 0; a neutral repetition penalty is off.
+        assert!(yes(SamplingParams {
+            top_k: Some(5),
+            top_p: 0.5,
+            min_p: 0.2,
+            seed: Some(3),
+            repetition_penalty: Some(1.0),
+            ..g()
+        }));
+        let disqualifying = [
+            ("temperature", SamplingParams::default()),
+            (
+                "temperature 0.5",
+                SamplingParams {
+                    temperature: 0.5,
+                    ..g()
+                },
+            ),
+            (
+                "logprobs 0",
+                SamplingParams {
+                    logprobs: Some(0),
+                    ..g()
+                },
+            ),
+            (
+                "logprobs 3",
+                SamplingParams {
+                    logprobs: Some(3),
+                    ..g()
+                },
+            ),
+            (
+                "repetition_penalty",
+                SamplingParams {
+                    repetition_penalty: Some(1.2),
+                    ..g()
+                },
+            ),
+            (
+                "frequency_penalty",
+                SamplingParams {
+                    frequency_penalty: 0.5,
+                    ..g()
+                },
+            ),
+            (
+                "presence_penalty",
+                SamplingParams {
+                    presence_penalty: -0.5,
+                    ..g()
+                },
+            ),
+        ];
+        for (what, p) in disqualifying {
+            assert!(!yes(p), "{what}");
         }
     }
 

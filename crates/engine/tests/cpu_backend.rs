@@ -1,6 +1,8 @@
 //! The CPU backend over a tiny random checkpoint: batching, caching and the error contract.
 
-use gptoss_engine::backend::{Backend, BackendError, LogitsWanted, SeqStep, StepBatch};
+use gptoss_engine::backend::{
+    Backend, BackendError, LogitsWanted, SeqStep, StepBatch, greedy_token,
+};
 use gptoss_engine::cpu::CpuBackend;
 use gptoss_formats::{Checkpoint, ModelWeights};
 use gptoss_model::reference::ReferenceModel;
@@ -104,6 +106,80 @@ fn batched_sequences_of_different_lengths_equal_each_alone() {
         }
         assert_eq!(b.cached_len(1), None);
     }
+}
+
+#[test]
+fn last_greedy_steps_return_the_greedy_token_of_the_last_row_and_no_row() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_checkpoint(dir.path(), TinyLayout::Split, 21).unwrap();
+    let mut b = CpuBackend::open(dir.path()).unwrap();
+    // The same steps, with every `LastGreedy` asked as `Last`.
+    let mut reference = CpuBackend::open(dir.path()).unwrap();
+    let v = b.config().vocab_size;
+    let as_last = |batch: &StepBatch| StepBatch {
+        steps: batch
+            .steps
+            .iter()
+            .map(|s| SeqStep {
+                want_logits: match s.want_logits {
+                    LogitsWanted::LastGreedy => LogitsWanted::Last,
+                    w => w,
+                },
+                ..s.clone()
+            })
+            .collect(),
+    };
+    use LogitsWanted::{All, Last, LastGreedy};
+    let prefill = StepBatch {
+        steps: vec![
+            step(0, &SEQS[0][..5], 0, All),
+            step(1, &SEQS[2][..4], 0, LastGreedy),
+            step(2, &SEQS[3][..3], 0, Last),
+            step(3, &SEQS[0][..7], 0, LastGreedy),
+            step(4, &SEQS[1][..1], 0, LastGreedy),
+        ],
+    };
+    let decode = StepBatch {
+        steps: vec![
+            step(0, &SEQS[0][5..6], 5, LastGreedy),
+            step(1, &SEQS[2][4..6], 4, All),
+            step(2, &SEQS[3][3..4], 3, LastGreedy),
+            step(3, &SEQS[0][7..8], 7, Last),
+            step(4, &[9], 1, LastGreedy),
+        ],
+    };
+    let mut greedy_steps = 0;
+    for batch in [prefill, decode] {
+        let out = b.forward(&batch).unwrap();
+        let want = reference.forward(&as_last(&batch)).unwrap();
+        assert_eq!(out.num_steps(), batch.steps.len());
+        for (i, s) in batch.steps.iter().enumerate() {
+            let ctx = format!("seq {} at {}: {:?}", s.seq, s.start_pos, s.want_logits);
+            if s.want_logits == LastGreedy {
+                assert!(out.step(i).is_empty(), "{ctx}: a row came back");
+                assert_eq!(out.rows(i).len(), 0, "{ctx}");
+                let g = out.greedy(i);
+                assert!(g.is_some(), "{ctx}: no greedy token");
+                assert_eq!(g, greedy_token(want.last(i)), "{ctx}");
+                greedy_steps += 1;
+            } else {
+                assert_eq!(out.greedy(i), None, "{ctx}");
+                let rows = if s.want_logits == All {
+                    s.tokens.len()
+                } else {
+                    1
+                };
+                assert_eq!(out.step(i).len(), rows * v, "{ctx}");
+                let err = max_rel(out.step(i), want.step(i));
+                assert!(err < 1e-5, "{ctx}: max rel {err:e}");
+            }
+        }
+        // The caches advance the same whatever the step asked for.
+        for s in &batch.steps {
+            assert_eq!(b.cached_len(s.seq), reference.cached_len(s.seq));
+        }
+    }
+    assert_eq!(greedy_steps, 6);
 }
 
 #[test]

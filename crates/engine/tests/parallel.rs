@@ -173,6 +173,44 @@ fn greedy_tokens_are_identical_for_32_steps() {
 }
 
 #[test]
+fn last_greedy_steps_give_the_cpu_backends_greedy_tokens() {
+    let (mut one, mut tp) = backends(&fixtures_dir().join("tiny-unsloth-nf4"), 2);
+    let vocab = one.config().vocab_size;
+    let seqs: Vec<Vec<u32>> = (0..3).map(|s| tokens(11 + s, 9, vocab)).collect();
+    use LogitsWanted::{All, Last, LastGreedy};
+    let batches = [
+        StepBatch {
+            steps: vec![
+                step(0, &seqs[0][..6], 0, LastGreedy),
+                step(1, &seqs[1][..5], 0, Last),
+                step(2, &seqs[2][..4], 0, All),
+            ],
+        },
+        StepBatch {
+            steps: vec![
+                step(0, &seqs[0][6..7], 6, LastGreedy),
+                step(1, &seqs[1][5..6], 5, LastGreedy),
+                step(2, &seqs[2][4..5], 4, Last),
+            ],
+        },
+    ];
+    for batch in batches {
+        let want = one.forward(&batch).unwrap();
+        let got = tp.forward(&batch).unwrap();
+        for (i, s) in batch.steps.iter().enumerate() {
+            if s.want_logits == LastGreedy {
+                assert!(got.step(i).is_empty(), "seq {}", s.seq);
+                assert!(got.greedy(i).is_some(), "seq {}", s.seq);
+            } else {
+                assert!(max_rel(got.step(i), want.step(i)) < 1e-5, "seq {}", s.seq);
+            }
+            assert_eq!(got.greedy(i), want.greedy(i), "seq {}", s.seq);
+        }
+    }
+    assert_eq!(tp.cached_len(0), Some(7));
+}
+
+#[test]
 fn invalid_world_sizes_are_refused() {
     let dir = fixtures_dir().join("tiny-bf16");
     for world in [0usize, 3, 4] {

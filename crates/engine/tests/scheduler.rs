@@ -1,6 +1,7 @@
 //! Engine and scheduler behaviour over the CPU backend with the tiny random-weight model, and
 //! over small fake backends: continuous batching determinism, chunked prefill, preemption by
-//! recompute, cancellation, stop conditions, `n > 1`, Harmony output, failure isolation.
+//! recompute, cancellation, stop conditions, `n > 1`, Harmony output, failure isolation, the
+//! greedy fast path (`LogitsWanted::LastGreedy`).
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
@@ -8,13 +9,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use gptoss_engine::backend::{
-    Backend, BackendError, Logits, SeqId, StepBatch, check_start_positions,
+    Backend, BackendError, Logits, LogitsWanted, SeqId, SeqStep, StepBatch, check_start_positions,
 };
 use gptoss_engine::cpu::CpuBackend;
 use gptoss_engine::engine::{Engine, EngineConfig, EngineHandle};
 use gptoss_engine::kv_blocks::{KvCacheConfig, KvLayout};
 use gptoss_engine::request::{Delta, FinishReason, Request, RequestEvent, TokenKind};
-use gptoss_engine::sampling::SamplingParams;
+use gptoss_engine::sampling::{Sampler, SamplingParams};
 use gptoss_engine::scheduler::SchedulerConfig;
 use gptoss_engine::stop::StopReason;
 use gptoss_formats::GptOssConfig;
@@ -381,6 +382,10 @@ fn stop_strings_stop_tokens_and_length() {
 /// A prompt token that makes [`Scripted`] panic.
 const PANIC_TOKEN: u32 = 4242;
 
+/// A prompt token after which [`Scripted`] has no usable logit: rows of `-inf`, and no greedy
+/// token for `LastGreedy` steps.
+const NO_ARGMAX_TOKEN: u32 = 4343;
+
 // ---- Fake backends ----------------------------------------------------------------------------
 
 /// A backend that emits a fixed continuation after the prompt (the scripted tokens, then
@@ -391,6 +396,8 @@ struct Scripted {
     script: Vec<u32>,
     prompt_len: usize,
     seqs: std::collections::HashMap<SeqId, usize>,
+    /// Sequences that were fed [`NO_ARGMAX_TOKEN`].
+    no_argmax: std::collections::HashSet<SeqId>,
     poison: u32,
     live: Arc<Mutex<usize>>,
 }
@@ -414,20 +421,34 @@ impl Backend for Scripted {
         }
         let vocab = self.cfg.vocab_size;
         let mut rows = Vec::new();
+        let mut greedy = Vec::new();
         for s in &batch.steps {
             let len = s.start_pos + s.tokens.len();
             self.seqs.insert(s.seq, len);
+            if s.tokens.contains(&NO_ARGMAX_TOKEN) {
+                self.no_argmax.insert(s.seq);
+            }
             let k = len - self.prompt_len.min(len);
             let next = self.script.get(k).copied().unwrap_or(200_002);
-            let mut row = vec![0.0f32; vocab];
-            row[next as usize] = 30.0;
-            rows.push(row);
+            let usable = !self.no_argmax.contains(&s.seq);
+            if s.want_logits == LogitsWanted::LastGreedy {
+                rows.push(Vec::new());
+                greedy.push(usable.then_some(next));
+            } else {
+                let mut row = vec![if usable { 0.0 } else { f32::NEG_INFINITY }; vocab];
+                if usable {
+                    row[next as usize] = 30.0;
+                }
+                rows.push(row);
+                greedy.push(None);
+            }
         }
         *self.live.lock().unwrap() = self.seqs.len();
-        Ok(Logits::new(vocab, rows))
+        Ok(Logits::with_greedy(vocab, rows, greedy))
     }
     fn release(&mut self, seq: SeqId) {
         self.seqs.remove(&seq);
+        self.no_argmax.remove(&seq);
         *self.live.lock().unwrap() = self.seqs.len();
     }
     fn max_batch_tokens(&self) -> usize {
@@ -440,6 +461,16 @@ fn scripted_engine(
     prompt_len: usize,
     poison: u32,
 ) -> (Engine, Arc<Mutex<usize>>) {
+    let (engine, live, _) = recorded_scripted_engine(script, prompt_len, poison);
+    (engine, live)
+}
+
+/// [`scripted_engine`], recording the steps its backend ran.
+fn recorded_scripted_engine(
+    script: Vec<u32>,
+    prompt_len: usize,
+    poison: u32,
+) -> (Engine, Arc<Mutex<usize>>, Seen) {
     let live = Arc::new(Mutex::new(0));
     let cfg = tiny_config();
     let backend = Scripted {
@@ -447,14 +478,222 @@ fn scripted_engine(
         script,
         prompt_len,
         seqs: Default::default(),
+        no_argmax: Default::default(),
         poison,
         live: Arc::clone(&live),
     };
+    let seen = Seen::default();
+    let backend = Recording::new(Box::new(backend), &seen);
     let ec = engine_config(&cfg, 1024, sched(16, 256, 64));
     (
         Engine::start(Box::new(backend), tokenizer(), ec).unwrap(),
         live,
+        seen,
     )
+}
+
+/// A step a backend ran: the first prompt token of its sequence (which tells the tests'
+/// requests apart), what it wanted, and the sequence's length after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SeenStep {
+    first: u32,
+    want: LogitsWanted,
+    end: usize,
+}
+
+type Seen = Arc<Mutex<Vec<SeenStep>>>;
+
+/// Wraps a backend and records the steps of every batch it ran successfully.
+struct Recording {
+    inner: Box<dyn Backend>,
+    first: std::collections::HashMap<SeqId, u32>,
+    seen: Seen,
+}
+
+impl Recording {
+    fn new(inner: Box<dyn Backend>, seen: &Seen) -> Self {
+        Recording {
+            inner,
+            first: Default::default(),
+            seen: Arc::clone(seen),
+        }
+    }
+
+    /// The steps seen for the sequences whose prompt starts with `first`.
+    fn steps_of(seen: &Seen, first: u32) -> Vec<SeenStep> {
+        let seen = seen.lock().unwrap();
+        seen.iter().copied().filter(|s| s.first == first).collect()
+    }
+}
+
+impl Backend for Recording {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn config(&self) -> &GptOssConfig {
+        self.inner.config()
+    }
+    fn forward(&mut self, batch: &StepBatch) -> Result<Logits, BackendError> {
+        let out = self.inner.forward(batch)?;
+        let mut seen = self.seen.lock().unwrap();
+        for s in &batch.steps {
+            if s.start_pos == 0 {
+                self.first.insert(s.seq, s.tokens[0]);
+            }
+            seen.push(SeenStep {
+                first: self.first[&s.seq],
+                want: s.want_logits,
+                end: s.start_pos + s.tokens.len(),
+            });
+        }
+        Ok(out)
+    }
+    fn release(&mut self, seq: SeqId) {
+        self.first.remove(&seq);
+        self.inner.release(seq)
+    }
+    fn max_batch_tokens(&self) -> usize {
+        self.inner.max_batch_tokens()
+    }
+}
+
+/// The greedy tokens of `prompt` the way the engine chose them before the fast path: the last
+/// logits row of each step, sampled by a greedy [`Sampler`].
+fn greedy_reference(prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut b = CpuBackend::open(tiny_dir()).unwrap();
+    let mut sampler = Sampler::new(SamplingParams::greedy())
+        .unwrap()
+        .with_prompt_tokens(prompt);
+    let (mut feed, mut pos, mut out) = (prompt.to_vec(), 0, Vec::new());
+    while out.len() < n {
+        let step = SeqStep {
+            seq: 0,
+            tokens: feed.clone(),
+            start_pos: pos,
+            want_logits: LogitsWanted::Last,
+        };
+        let logits = b.forward(&StepBatch { steps: vec![step] }).unwrap();
+        let t = sampler.sample(logits.last(0)).unwrap().id;
+        pos += feed.len();
+        feed = vec![t];
+        out.push(t);
+    }
+    out
+}
+
+#[test]
+fn greedy_requests_take_the_argmax_path_with_unchanged_tokens() {
+    let seen = Seen::default();
+    let backend = Recording::new(Box::new(CpuBackend::open(tiny_dir()).unwrap()), &seen);
+    let cfg = engine_config(&tiny_config(), 4096, sched(8, 64, 16));
+    let engine = Engine::start(Box::new(backend), tokenizer(), cfg).unwrap();
+    let h = engine.handle();
+    let (plen, max_tokens) = (40, 12);
+    // Plain greedy, greedy with a neutral repetition penalty (fast path); greedy with logprobs,
+    // greedy with each penalty (full rows).
+    let fast = [greedy(prompt(31, plen), max_tokens), {
+        let mut r = greedy(prompt(32, plen), max_tokens);
+        r.sampling.repetition_penalty = Some(1.0);
+        r
+    }];
+    let mut slow = Vec::new();
+    for (k, edit) in [
+        |p: &mut SamplingParams| p.logprobs = Some(0),
+        |p: &mut SamplingParams| p.logprobs = Some(2),
+        |p: &mut SamplingParams| p.repetition_penalty = Some(1.3),
+        |p: &mut SamplingParams| p.frequency_penalty = 0.5,
+        |p: &mut SamplingParams| p.presence_penalty = 0.5,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut r = greedy(prompt(33 + k as u32, plen), max_tokens);
+        edit(&mut r.sampling);
+        slow.push(r);
+    }
+    let rxs: Vec<_> = fast
+        .iter()
+        .chain(&slow)
+        .map(|r| h.submit_channel(r.clone()).unwrap().1)
+        .collect();
+    let done: Vec<_> = rxs.iter().map(|rx| collect(rx, 1).0.remove(0)).collect();
+    let check_tokens = |r: &Request, c: &Completion| {
+        let want = greedy_reference(&r.prompt, max_tokens);
+        assert_eq!(c.tokens[..], want[..c.tokens.len()], "{:?}", r.sampling);
+        if c.finish == Some(FinishReason::Length) {
+            assert_eq!(c.tokens.len(), max_tokens);
+        }
+    };
+    for (r, c) in fast.iter().zip(&done) {
+        check_tokens(r, c);
+        let steps = Recording::steps_of(&seen, r.prompt[0]);
+        // Every step that gives a token asks for the greedy token only; partial prefill chunks
+        // (whose logits are ignored) keep `Last`.
+        for s in &steps {
+            let want = if s.end >= plen {
+                LogitsWanted::LastGreedy
+            } else {
+                LogitsWanted::Last
+            };
+            assert_eq!(s.want, want, "{s:?} of {:?}", r.sampling);
+        }
+        let greedy_steps = steps
+            .iter()
+            .filter(|s| s.want == LogitsWanted::LastGreedy)
+            .count();
+        assert_eq!(greedy_steps, c.tokens.len());
+    }
+    for (k, (r, c)) in slow.iter().zip(&done[fast.len()..]).enumerate() {
+        if k < 2 {
+            // Logprobs do not change greedy tokens.
+            check_tokens(r, c);
+        }
+        let steps = Recording::steps_of(&seen, r.prompt[0]);
+        assert!(steps.len() >= c.tokens.len());
+        for s in &steps {
+            assert_eq!(s.want, LogitsWanted::Last, "{s:?} of {:?}", r.sampling);
+        }
+    }
+    wait_idle(&h);
+}
+
+#[test]
+fn a_greedy_step_without_a_token_fails_only_its_request() {
+    let (engine, live, seen) =
+        recorded_scripted_engine(vec![10, 11, 12, 13, 14, 15, 16, 17], 3, 999);
+    let h = engine.handle();
+    let submit = |prompt: Vec<u32>| h.submit_channel(greedy(prompt, 8)).unwrap().1;
+    let good: Vec<_> = (0..3).map(|_| submit(vec![1, 2, 3])).collect();
+    // No usable logit: fails at its first token, like a sampling error.
+    let no_token = submit(vec![NO_ARGMAX_TOKEN, 2, 3]);
+    // A backend error: the batch is retried step by step, `LastGreedy` steps included.
+    let poisoned = submit(vec![5, 999, 3]);
+    match no_token.recv_timeout(Duration::from_secs(10)).unwrap() {
+        RequestEvent::Error { message } => assert!(
+            message.contains("sampling failed") && message.contains("NaN or -inf"),
+            "{message}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    match poisoned.recv_timeout(Duration::from_secs(10)).unwrap() {
+        RequestEvent::Error { message } => assert!(message.contains("poisoned"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    for rx in &good {
+        let (c, _) = collect(rx, 1);
+        assert_eq!(c[0].tokens, [10, 11, 12, 13, 14, 15, 16, 17]);
+    }
+    wait_idle(&h);
+    assert_eq!(*live.lock().unwrap(), 0);
+    assert_eq!(h.stats().requests_failed, 2);
+    let asked = |first| -> Vec<LogitsWanted> {
+        Recording::steps_of(&seen, first)
+            .iter()
+            .map(|s| s.want)
+            .collect()
+    };
+    assert_eq!(asked(NO_ARGMAX_TOKEN), [LogitsWanted::LastGreedy]);
+    assert_eq!(asked(1), [LogitsWanted::LastGreedy; 3 * 8]);
 }
 
 fn harmony_tokens(text_pieces: &[&str]) -> Vec<u32> {

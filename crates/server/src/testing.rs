@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gptoss_engine::backend::{
-    Backend, BackendError, Logits, SeqId, StepBatch, check_start_positions, validate_batch,
+    Backend, BackendError, Logits, LogitsWanted, SeqId, StepBatch, check_start_positions,
+    validate_batch,
 };
 use gptoss_formats::GptOssConfig;
 use gptoss_formats::synth::{Preset, SynthLayout, synth_config_json};
@@ -127,16 +128,24 @@ impl Backend for ScriptedBackend {
         }
         let vocab = self.cfg.vocab_size;
         let mut rows = Vec::with_capacity(batch.steps.len());
+        let mut greedy = Vec::with_capacity(batch.steps.len());
         for s in &batch.steps {
             let mut seq = self.seqs.remove(&s.seq).unwrap_or_default();
             seq.extend_from_slice(&s.tokens);
             let next = self.next_token(&seq);
             self.seqs.insert(s.seq, seq);
-            let mut row = vec![0.0f32; vocab];
-            row[next as usize] = 60.0;
-            rows.push(row);
+            if s.want_logits == LogitsWanted::LastGreedy {
+                // The arg-max of the row the other kinds get.
+                rows.push(Vec::new());
+                greedy.push(Some(next));
+            } else {
+                let mut row = vec![0.0f32; vocab];
+                row[next as usize] = 60.0;
+                rows.push(row);
+                greedy.push(None);
+            }
         }
-        Ok(Logits::new(vocab, rows))
+        Ok(Logits::with_greedy(vocab, rows, greedy))
     }
 
     fn release(&mut self, seq: SeqId) {
