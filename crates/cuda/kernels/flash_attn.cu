@@ -8,7 +8,9 @@
 //         j % ring when ring > 0) holds keys j < pos0. Keys j >= pos0 are the launch's own
 //         ("fresh") rows kn/vn[q0 + j - pos0] ([T][nkv*64]). K/V elements: kvmode (KV_BF16 /
 //         KV_F32 / KV_F16). q [T][nh*64] f32 (rotated, unscaled); sinks [nh] f32 (raw logits);
-//         out [T][nh*64] bf16 (round to nearest even).
+//         out [T][nh*64] bf16 (round to nearest even); out_lo (if not null) [T][nh*64] bf16 the
+//         rounding remainder bf16(o - out), so out + out_lo carries o to ~2^-16 relative (the
+//         o_proj GEMM multiplies both).
 //   Rows: block (x, g, z) handles KV head g of segment z and 64 "rows" r (G = nh/nkv heads
 //         share KV head g): row r <-> query token i = r / G, query head g*G + r % G, so each
 //         K/V tile is staged once for all G heads. Row blocks are taken in reverse order
@@ -100,10 +102,26 @@ __device__ __forceinline__ unsigned f2h_pair(float a, float b) {
     return pack2<false>(a, b);
 }
 
+// One output row's 16 values of this thread (o[n][j0], o[n][j0 + 1] for n < 8, at columns
+// 8n + 2cq, +1) times inv: bf16 to `hi` and, if `lo`, the remainder bf16(v - hi) to `lo`.
+__device__ __forceinline__ void store_row(const float (&o)[8][4], int j0, float inv, unsigned short* hi,
+                                          unsigned short* lo) {
+    unsigned* h = reinterpret_cast<unsigned*>(hi);
+    unsigned* l = reinterpret_cast<unsigned*>(lo);
+#pragma unroll
+    for (int n = 0; n < 8; n++) {
+        const float a = o[n][j0] * inv, b = o[n][j0 + 1] * inv;
+        const unsigned p = pack2<true>(a, b);
+        h[n * 4] = p;
+        if (l) l[n * 4] = pack2<true>(a - __uint_as_float(p << 16), b - __uint_as_float(p & 0xffff0000u));
+    }
+}
+
 template <int MODE>
 __device__ __forceinline__ void flash_body(const SegDev* __restrict__ sgp, int layer, const float* __restrict__ q,
                                            const void* kn, const void* vn, const float* __restrict__ sinks,
-                                           int window, int ring, unsigned short* __restrict__ out, int nh, int nkv,
+                                           int window, int ring, unsigned short* __restrict__ out,
+                                           unsigned short* __restrict__ out_lo, int nh, int nkv,
                                            unsigned short* smem) {
     constexpr bool BF = MODE == KV_BF16;
     constexpr int ESZ = MODE == KV_F32 ? 4 : 2;  // bytes per cache element
@@ -335,29 +353,23 @@ __device__ __forceinline__ void flash_body(const SegDev* __restrict__ sgp, int l
     lB += __shfl_xor_sync(0xffffffffu, lB, 1);
     lB += __shfl_xor_sync(0xffffffffu, lB, 2);
     const float invA = 1.0f / lA, invB = 1.0f / lB;
-    unsigned* oa = reinterpret_cast<unsigned*>(out + (size_t)(q0 + iA) * qd + hA * HEAD_DIM + 2 * cq);
-    unsigned* ob = reinterpret_cast<unsigned*>(out + (size_t)(q0 + iB) * qd + hB * HEAD_DIM + 2 * cq);
-    if (rA < nrows) {
-#pragma unroll
-        for (int n = 0; n < 8; n++) oa[n * 4] = pack2<true>(o[n][0] * invA, o[n][1] * invA);
-    }
-    if (rB < nrows) {
-#pragma unroll
-        for (int n = 0; n < 8; n++) ob[n * 4] = pack2<true>(o[n][2] * invB, o[n][3] * invB);
-    }
+    const size_t offA = (size_t)(q0 + iA) * qd + hA * HEAD_DIM + 2 * cq;
+    const size_t offB = (size_t)(q0 + iB) * qd + hB * HEAD_DIM + 2 * cq;
+    if (rA < nrows) store_row(o, 0, invA, out + offA, out_lo ? out_lo + offA : nullptr);
+    if (rB < nrows) store_row(o, 2, invB, out + offB, out_lo ? out_lo + offB : nullptr);
 }
 
 extern "C" __global__ void __launch_bounds__(FA_THREADS) k_flash_attn(const SegDev* segs, int layer, const float* q,
                                                                      const void* kn, const void* vn,
                                                                      const float* sinks, int window, int ring,
-                                                                     unsigned short* out, int nh, int nkv,
-                                                                     int kvmode) {
+                                                                     unsigned short* out, unsigned short* out_lo,
+                                                                     int nh, int nkv, int kvmode) {
     __shared__ __align__(128) unsigned short smem[2 * 2 * FA_TILE];  // [buffer][K, V][64][72]
     const SegDev* sg = segs + blockIdx.z;
     if (kvmode == KV_BF16)
-        flash_body<KV_BF16>(sg, layer, q, kn, vn, sinks, window, ring, out, nh, nkv, smem);
+        flash_body<KV_BF16>(sg, layer, q, kn, vn, sinks, window, ring, out, out_lo, nh, nkv, smem);
     else if (kvmode == KV_F16)
-        flash_body<KV_F16>(sg, layer, q, kn, vn, sinks, window, ring, out, nh, nkv, smem);
+        flash_body<KV_F16>(sg, layer, q, kn, vn, sinks, window, ring, out, out_lo, nh, nkv, smem);
     else
-        flash_body<KV_F32>(sg, layer, q, kn, vn, sinks, window, ring, out, nh, nkv, smem);
+        flash_body<KV_F32>(sg, layer, q, kn, vn, sinks, window, ring, out, out_lo, nh, nkv, smem);
 }

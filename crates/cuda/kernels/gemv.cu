@@ -11,7 +11,7 @@
 // k_linear_{1,4} grid (gx), block 256, dyn smem = NT*padded(cols)*4 + 512.
 //                out[t, r] (=|+=) W[r, :] . x'[t, :] + b[r] for t < T, r < rows, where x' is x
 //                or rmsnorm(x, norm_w). Flags: F_RESID (add into out), F_ARGMAX (greedy token per
-//                t into idx_out, ties -> lowest index), F_TOPK (router: top-k logits of each t ->
+//                t into idx_out, ties -> lowest index, NaN never, -1 if nothing > -inf), F_TOPK (router: top-k logits of each t ->
 //                sel/wsel with softmax over the k), F_WRITE_NORMED (block 0 writes x' to aux).
 //                The argmax/top-k run in the last block to finish (atomic counter, reset after),
 //                in a fixed order: deterministic.
@@ -194,7 +194,7 @@ __device__ void linear_body(QMat m, const float* x, int ld_in, int T, const floa
                 int i = __ldcg(red_idx + b * NT + t);
                 if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
             }
-            idx_out[t] = bi == 0x7fffffff ? 0 : bi;
+            idx_out[t] = bi == 0x7fffffff ? -1 : bi;  // -1: no logit above -inf
         }
     }
     if (flags & F_TOPK) {

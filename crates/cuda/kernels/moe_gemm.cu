@@ -1,8 +1,8 @@
 // Grouped expert GEMM on packed weights, for prefill and batched decode (issue 5): the T*K
 // (token, expert) pairs of a step are sorted by expert (k_moe_route), every expert's rows form
 // tiles of at most BN sorted rows, and one GEMM launch multiplies each tile with its expert's
-// weights (k_gemm_q_n64: BN = 64 tokens for prefill; k_gemm_q_n16: BN = 16 for batched decode,
-// where experts get few tokens). k_moe_combine sums the K expert outputs of each token in a fixed
+// weights (k_gemm_q_n128 / k_gemm_q_n64: BN = 128 / 64 tokens for prefill; k_gemm_q_n16: BN = 16
+// for batched decode, where experts get few tokens). k_moe_combine sums the K expert outputs of each token in a fixed
 // order (deterministic, no atomics). The same GEMM kernels run a dense matrix (a quantized
 // attention projection) over T token rows when no tile list is given.
 //
@@ -19,6 +19,7 @@
 //
 // ## Block tile (both kernels): BM = 128 weight rows x BN tokens, BK = 64 (one NF4 block: one
 // scale per row per k-step), 256 threads = 8 warps.
+//   n128: warps 4 (M) x 2 (N), each 32 rows x 64 tokens (2 x 8 mma tiles, 64 accumulators).
 //   n64: warps 4 (M) x 2 (N), each 32 rows x 32 tokens (2 x 4 mma tiles, 32 f32 accumulators).
 //   n16: warps 8 (M) x 1 (N), each 16 rows x 16 tokens (1 x 2 mma tiles).
 // Shared memory (dynamic): A = dequantized weights [2][128][72] bf16, B = activations
@@ -43,12 +44,16 @@
 // accumulators c0/c1 (row g) and c2/c3 (row g+8) of a thread are gate_i and up_i of the same
 // tokens, and the activation is computed in registers.
 //
-// Resources (nvcc 13.0, sm_80 and sm_90 alike, no spills): k_gemm_q_n64 114 registers, 55296 B
-// dynamic + 1088 B static shared memory (2 blocks of 256 threads per SM); k_gemm_q_n16 78
-// registers, 41472 + 1088 B (3 blocks per SM); k_moe_route 32 registers, 33936 B static.
+// Resources (nvcc 13.0, sm_90): k_gemm_q_n128 128 registers (120 B of spills), 73728 B dynamic
+// + 1088 B static shared memory (2 blocks of 256 threads per SM; halving the dequantization per
+// mma of n64 gave 212 vs 172 TFLOP/s at 4096 tokens on the H100, 158 vs 148 at 1024);
+// k_gemm_q_n64 114 registers, 55296 + 1088 B (2 blocks per SM); k_gemm_q_n16 78 registers,
+// 41472 + 1088 B (3 blocks per SM); k_moe_route 32 registers, 33936 B static. Loading two k-steps
+// ahead in n64 or four in n16 measured no faster (175 vs 173 TFLOP/s; 1.0 vs 1.1 TB/s).
 //
 // Requirements (checked by the launchers in src/moe_gemm.rs): cols % 64 == 0, rows % 16 == 0,
 // every matrix of a launch has the same rows and cols; X, ldx 16-byte aligned (ldx % 8 == 0).
+// Dense mode (no tile list) adds the bias to output rows r < bias_rows only.
 
 #include "common.cuh"
 
@@ -238,7 +243,7 @@ __device__ __forceinline__ void compute_step(unsigned a_addr, unsigned b_addr, f
 template <int BN, int WN, int PD>
 __device__ __forceinline__ void gemm_q(const QMat* mats, const int4* tiles, const int* ntiles, int T,
                                        const unsigned short* X, int ldx, const int* gather, int mode, void* out,
-                                       int ldo, float alpha, float limit) {
+                                       int ldo, float alpha, float limit, int bias_rows) {
     constexpr int WM = 8 / WN;
     constexpr int MI = BM / WM / 16;
     constexpr int NI = BN / WN / 8;
@@ -358,7 +363,6 @@ __device__ __forceinline__ void gemm_q(const QMat* mats, const int4* tiles, cons
     // Epilogue. Accumulator (mi, ni, j): A row wm*MI*16 + mi*16 + g + 8*(j >= 2), token
     // wn*NI*8 + ni*8 + 2q + (j & 1).
     const int g = lane >> 2, q = lane & 3;
-    const float* bias = m.bias;
 #pragma unroll
     for (int mi = 0; mi < MI; mi++) {
         const int arow0 = wm * MI * 16 + mi * 16;  // first A row of the mma tile (a 16-row group)
@@ -369,6 +373,9 @@ __device__ __forceinline__ void gemm_q(const QMat* mats, const int4* tiles, cons
                 const int n = wn * NI * 8 + ni * 8 + 2 * q + jt;
                 if (n >= nr) continue;
                 const size_t r = (size_t)(r0 + n);
+                // Dense mode: only rows below bias_rows get the bias (the rows past it are the
+                // lo parts of split activations, see wide.cu).
+                const float* bias = (m.bias && (ntiles || (int)r < bias_rows)) ? m.bias : nullptr;
                 if (swiglu) {
                     const int i = (row0 + arow0) / 2 + g;  // pair index: weight rows 2i, 2i+1
                     if (2 * i >= rows) continue;
@@ -394,16 +401,22 @@ __device__ __forceinline__ void gemm_q(const QMat* mats, const int4* tiles, cons
 
 #define GEMM_ARGS                                                                                               \
     const QMat *mats, const int4 *tiles, const int *ntiles, int T, const unsigned short *X, int ldx,            \
-        const int *gather, int mode, void *out, int ldo, float alpha, float limit
+        const int *gather, int mode, void *out, int ldo, float alpha, float limit, int bias_rows
 
 // Prefill: 128 weight rows x 64 tokens per block; 2 blocks of 256 threads per SM.
 extern "C" __global__ void __launch_bounds__(256, 2) k_gemm_q_n64(GEMM_ARGS) {
-    gemm_q<64, 2, 1>(mats, tiles, ntiles, T, X, ldx, gather, mode, out, ldo, alpha, limit);
+    gemm_q<64, 2, 1>(mats, tiles, ntiles, T, X, ldx, gather, mode, out, ldo, alpha, limit, bias_rows);
+}
+
+// Prefill with >= 128 tokens per expert: 128 weight rows x 128 tokens per block (half the
+// dequantization per mma of n64).
+extern "C" __global__ void __launch_bounds__(256, 2) k_gemm_q_n128(GEMM_ARGS) {
+    gemm_q<128, 2, 1>(mats, tiles, ntiles, T, X, ldx, gather, mode, out, ldo, alpha, limit, bias_rows);
 }
 
 // Batched decode: 128 weight rows x 16 tokens per block, two k-steps of weights in flight.
 extern "C" __global__ void __launch_bounds__(256, 2) k_gemm_q_n16(GEMM_ARGS) {
-    gemm_q<16, 1, 2>(mats, tiles, ntiles, T, X, ldx, gather, mode, out, ldo, alpha, limit);
+    gemm_q<16, 1, 2>(mats, tiles, ntiles, T, X, ldx, gather, mode, out, ldo, alpha, limit, bias_rows);
 }
 
 // ---------------------------------------------------------------------------------------------

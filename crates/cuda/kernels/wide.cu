@@ -4,10 +4,16 @@
 // are the glue between them, each one row (token) per block, memory-bound and cheap.
 //
 // Per layer (backend.rs `record_wide`):
-//   k_rmsnorm_w (input norm, bf16 out) → q/k/v GEMMs (f32 [T][qd + 2 kvd]) → k_rope_w (bias,
-//   RoPE; q f32, fresh K/V in the cache's type) → k_flash_attn → k_kv_store (fresh K/V into the
-//   cache) → o_proj GEMM accumulating into x → k_rmsnorm_w (o bias, post norm: bf16 + f32 out)
-//   → k_router_w (router logits + top-k + softmax) → experts (moe_gemm.cu).
+//   k_rmsnorm_w (input norm, bf16 hi + lo rows) → q/k/v GEMMs over the 2T rows (f32
+//   [2T][qd + 2 kvd]) → k_rope_w (hi + lo products, bias, RoPE; q f32, fresh K/V in the cache's
+//   type) → k_flash_attn (bf16 hi + lo out) → k_kv_store (fresh K/V into the cache) → o_proj
+//   GEMM over 2T rows → k_rmsnorm_w (x += o_hi + o_lo + o bias, post norm: bf16 + f32 out) →
+//   k_router_w (router logits + top-k + softmax) → experts (moe_gemm.cu, bf16 hi part only).
+//
+// Why hi + lo: a bf16 activation carries 8 significant bits; splitting it into bf16(v) and
+// bf16(v - bf16(v)) and multiplying both keeps ~16, at twice the tensor-core work of the
+// (cheap) attention projections. Measured on the fixtures (CPU emulation of each rounding):
+// bf16 inputs to q/k/v alone move the logits by a median 1.2e-2 per row, to o_proj 5e-3.
 //
 // Layouts: x f32 [T][H] (the residual stream), tok/pos i32 [T], cos/sin f32 [pos][32] (YaRN
 // tables), KV elements per kvmode (KV_BF16 / KV_F32 / KV_F16, common.cuh).
@@ -38,53 +44,60 @@ extern "C" __global__ void k_embed_w(QMat m, const int* tok, float* x, int H) {
     for (int c = threadIdx.x; c < H; c += blockDim.x) x[(size_t)t * H + c] = qmat_elem(m, r, c);
 }
 
-// Optionally x[t] += bias (written back), then y = w * (x * rsqrt(mean(x^2) + eps)) (the
-// decode kernels' order of operations), stored as bf16 (ob, row stride H) and, if of != null,
-// as f32. Rows t come from rows[t] when rows != null (the lm_head rows of a launch), else t.
+// Optionally x[t] += (add[t] + add[T + t]) and/or bias (written back; `add` is a GEMM output
+// of 2T rows: the hi and lo parts of a split product, T = gridDim.x), then y = w * (x *
+// rsqrt(mean(x^2) + eps)) (the decode kernels' order of operations), stored as bf16 (ob, row
+// stride H) and, if of != null, as f32. With `split`, row T + t of ob gets the rounding
+// remainder bf16(y - bf16(y)), so a GEMM over the 2T rows of ob sees y to ~2^-16 relative.
+// Rows t come from rows[t] when rows != null (the lm_head rows of a launch), else t.
 // Grid T, block 256.
-extern "C" __global__ void k_rmsnorm_w(float* x, const float* bias, const float* w, float eps, int H,
-                                       const int* rows, unsigned short* ob, float* of) {
+extern "C" __global__ void k_rmsnorm_w(float* x, const float* add, const float* bias, const float* w, float eps,
+                                       int H, const int* rows, unsigned short* ob, float* of, int split) {
     __shared__ float red[32];
-    const int t = blockIdx.x;
+    const int t = blockIdx.x, T = gridDim.x;
     const int src = rows ? rows[t] : t;
     float* xr = x + (size_t)src * H;
     float ss = 0.f;
     for (int c = threadIdx.x; c < H; c += blockDim.x) {
         float v = xr[c];
-        if (bias) {
-            v += bias[c];
-            xr[c] = v;
-        }
+        if (add) v += add[(size_t)t * H + c] + add[(size_t)(T + t) * H + c];
+        if (bias) v += bias[c];
+        if (add || bias) xr[c] = v;
         ss = fmaf(v, v, ss);
     }
     const float inv = 1.0f / sqrtf(block_sum(ss, red) / (float)H + eps);
     for (int c = threadIdx.x; c < H; c += blockDim.x) {
         float v = w[c] * (xr[c] * inv);
-        ob[(size_t)t * H + c] = f2bf(v);
+        const unsigned short hb = f2bf(v);
+        ob[(size_t)t * H + c] = hb;
+        if (split) ob[(size_t)(T + t) * H + c] = f2bf(v - bf_lo(hb));
         if (of) of[(size_t)t * H + c] = v;
     }
 }
 
 // Adds the q/k/v biases (null when the GEMM already did), applies RoPE (rotate-half on
 // (d, d+32), f32 tables) to q and k, and writes q (f32 [T][nh*64]) and the fresh K/V
-// ([T][nkv*64], kvmode's type). qkv is the GEMM output f32 [T][nh*64 + 2*nkv*64].
-// Grid T, block 256.
+// ([T][nkv*64], kvmode's type). qkv is the GEMM output f32 [T][nh*64 + 2*nkv*64]; with
+// `split` it has 2T rows (products of the hi and lo parts of the input) and row t is
+// qkv[t] + qkv[T + t]. Grid T, block 256.
 extern "C" __global__ void k_rope_w(const float* qkv, const float* bq, const float* bk, const float* bv,
                                     const int* pos, const float* cos_tab, const float* sin_tab, float* q,
-                                    void* kn, void* vn, int nh, int nkv, int kvmode) {
-    const int t = blockIdx.x;
+                                    void* kn, void* vn, int nh, int nkv, int kvmode, int split) {
+    const int t = blockIdx.x, T = gridDim.x;
     const int qd = nh * HEAD_DIM, kvd = nkv * HEAD_DIM, ld = qd + 2 * kvd;
     const float* row = qkv + (size_t)t * ld;
+    const float* rlo = split ? qkv + (size_t)(T + t) * ld : nullptr;
     const size_t p = (size_t)pos[t];
     // Rotation pairs: q heads (nh * 32), then k heads (nkv * 32); then v elements (kvd).
     for (int u = threadIdx.x; u < (nh + nkv) * 32; u += blockDim.x) {
         const bool isq = u < nh * 32;
         const int uu = isq ? u : u - nh * 32;
         const int d = uu & 31, c0 = (uu >> 5) * HEAD_DIM + d;
-        const float* src = isq ? row : row + qd;
+        const int o = isq ? 0 : qd;
         const float* b = isq ? bq : bk;
-        float a = src[c0] + (b ? b[c0] : 0.f);
-        float c = src[c0 + 32] + (b ? b[c0 + 32] : 0.f);
+        float a = row[o + c0], c = row[o + c0 + 32];
+        if (rlo) a += rlo[o + c0], c += rlo[o + c0 + 32];
+        if (b) a += b[c0], c += b[c0 + 32];
         const float cs = cos_tab[p * 32 + d], sn = sin_tab[p * 32 + d];
         const float a2 = a * cs - c * sn;
         const float c2 = c * cs + a * sn;
@@ -97,7 +110,10 @@ extern "C" __global__ void k_rope_w(const float* qkv, const float* bq, const flo
         }
     }
     for (int c = threadIdx.x; c < kvd; c += blockDim.x) {
-        store_kv(vn, (size_t)t * kvd + c, row[qd + kvd + c] + (bv ? bv[c] : 0.f), kvmode);
+        float v = row[qd + kvd + c];
+        if (rlo) v += rlo[qd + kvd + c];
+        if (bv) v += bv[c];
+        store_kv(vn, (size_t)t * kvd + c, v, kvmode);
     }
 }
 
@@ -171,5 +187,37 @@ extern "C" __global__ void k_router_w(QMat m, const float* h, int H, int E, int 
             sel[t * K + k] = idx[k];
             wsel[t * K + k] = val[k] / sum;
         }
+    }
+}
+
+// Greedy token of each logits row ([rows][vocab] f32, row = blockIdx.x): the lowest index
+// holding the largest value; NaN is never chosen and +inf beats every finite value (the
+// engine's `greedy_token` rule); -1 when no value is above -inf. Grid rows, block 1024.
+__device__ __forceinline__ void better(float& bv, int& bi, float v, int i) {
+    if (i >= 0 && (bi < 0 || v > bv || (v == bv && i < bi))) bv = v, bi = i;
+}
+
+extern "C" __global__ void k_argmax_rows(const float* logits, int vocab, int* idx) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const float* row = logits + (size_t)blockIdx.x * vocab;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float bv = -INFINITY;
+    int bi = -1;
+    for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
+        const float v = row[c];
+        if (v > bv) bv = v, bi = c;  // ascending c: the first of equal values stays
+    }
+#pragma unroll
+    for (int o = 16; o; o >>= 1) better(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
+    if (lane == 0) sv[warp] = bv, si[warp] = bi;
+    __syncthreads();
+    if (warp == 0) {
+        bv = lane < (int)(blockDim.x >> 5) ? sv[lane] : -INFINITY;
+        bi = lane < (int)(blockDim.x >> 5) ? si[lane] : -1;
+#pragma unroll
+        for (int o = 16; o; o >>= 1)
+            better(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
+        if (lane == 0) idx[blockIdx.x] = bi;
     }
 }

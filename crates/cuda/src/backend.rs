@@ -51,9 +51,10 @@ pub struct CudaOptions {
     pub wide_tokens: usize,
 }
 
-/// Default [`CudaOptions::wide_tokens`]: large enough that the experts' weights are read once
-/// per ~128 tokens each (top-4 of 32), small enough for ~0.2 GB of scratch on the 20b.
-pub const DEFAULT_WIDE_TOKENS: usize = 1024;
+/// Default [`CudaOptions::wide_tokens`]: large enough that each expert of the 20b gets ~256
+/// tokens of a chunk on average (top-4 of 32), so its weights are read once per 256 tokens and
+/// the 128-token GEMM tiles apply; small enough for ~0.45 GB of scratch on the 20b.
+pub const DEFAULT_WIDE_TOKENS: usize = 2048;
 
 impl Default for CudaOptions {
     fn default() -> Self {
@@ -66,6 +67,14 @@ impl Default for CudaOptions {
             wide_tokens: DEFAULT_WIDE_TOKENS,
         }
     }
+}
+
+/// What one step of a batch returns: its logits rows, or (for [`LogitsWanted::LastGreedy`]) its
+/// greedy token.
+#[derive(Debug, Clone, Default)]
+struct StepOut {
+    logits: Vec<f32>,
+    greedy: Option<u32>,
 }
 
 fn failed(e: String) -> BackendError {
@@ -828,8 +837,13 @@ impl CudaBackend {
 
     /// One decode token for each of up to [`Self::decode_group`] sequences (validated), run as
     /// one launch sequence (more than MAXT: a wide launch): the weights are read once for all of
-    /// them. Returns each one's logits row.
-    fn decode_together(&mut self, rows: &[(SeqId, u32, usize)]) -> Result<Vec<Vec<f32>>, String> {
+    /// them. Returns each one's logits row, or for a [`LogitsWanted::LastGreedy`] row only its
+    /// greedy token (picked on the device; 4 bytes copied instead of a vocabulary row).
+    fn decode_together(
+        &mut self,
+        rows: &[(SeqId, u32, usize)],
+        want: &[LogitsWanted],
+    ) -> Result<Vec<StepOut>, String> {
         let mut caches = Vec::with_capacity(rows.len());
         for &(seq, _, pos) in rows {
             let c = match self.seqs.remove(&seq) {
@@ -849,8 +863,13 @@ impl CudaBackend {
             for (c, &(_, _, pos)) in cs.iter_mut().zip(rows) {
                 self.grow(c, pos + 1)?;
             }
-            let vocab = self.dims.vocab;
-            let mut out = vec![Vec::new(); rows.len()];
+            let mut out: Vec<StepOut> = vec![StepOut::default(); rows.len()];
+            let mut done = 0;
+            let mut sink = |b: &Self, logits: u64, idx: u64, n: usize| {
+                b.collect_rows(&mut out[done..done + n], &want[done..done + n], logits, idx)?;
+                done += n;
+                Ok(())
+            };
             if rows.len() > MAXT {
                 let toks: Vec<[u32; 1]> = rows.iter().map(|r| [r.1]).collect();
                 let segs: Vec<WideSeg<'_>> = cs
@@ -860,12 +879,7 @@ impl CudaBackend {
                     .map(|((c, &(_, _, pos)), tk)| (&**c, &tk[..], pos))
                     .collect();
                 let lm: Vec<usize> = (0..rows.len()).collect();
-                let mut done = 0;
-                self.run_wide(&segs, &lm, &mut |b, ptr, n| {
-                    b.download_logit_rows(&mut out[done..done + n], ptr)?;
-                    done += n;
-                    Ok(())
-                })?;
+                self.run_wide(&segs, &lm, &mut sink)?;
             } else {
                 let params: Vec<(&SeqCache, u32, usize)> = cs
                     .iter()
@@ -874,9 +888,13 @@ impl CudaBackend {
                     .collect();
                 let sp = self.params_of(&params);
                 self.run_chunk(&sp, Some((0, rows.len())))?;
-                self.download_logit_rows(&mut out, self.scratch.logits.ptr)?;
+                sink(
+                    self,
+                    self.scratch.logits.ptr,
+                    self.scratch.idx.ptr,
+                    rows.len(),
+                )?;
             }
-            debug_assert!(out.iter().all(|r| r.len() == vocab));
             Ok(out)
         })();
         for (c, &(seq, _, pos)) in caches.into_iter().zip(rows) {
@@ -890,15 +908,52 @@ impl CudaBackend {
         res
     }
 
+    /// Copies a block of computed rows to the host: the greedy token of each `LastGreedy` row
+    /// (from `idx`), the logits row of every other one (from `logits`; through the pinned
+    /// buffer when every row of the block wants its logits).
+    fn collect_rows(
+        &self,
+        out: &mut [StepOut],
+        want: &[LogitsWanted],
+        logits: u64,
+        idx: u64,
+    ) -> Result<(), String> {
+        let vocab = self.dims.vocab;
+        if want.contains(&LogitsWanted::LastGreedy) {
+            let mut ids = vec![0i32; out.len()];
+            self.gpu.download(&mut ids, idx)?;
+            for (i, (o, w)) in out.iter_mut().zip(want).enumerate() {
+                if *w == LogitsWanted::LastGreedy {
+                    o.greedy = u32::try_from(ids[i]).ok();
+                } else {
+                    o.logits.resize(vocab, 0.0);
+                    self.gpu
+                        .download(&mut o.logits, logits + (i * vocab * 4) as u64)?;
+                }
+            }
+            return Ok(());
+        }
+        let mut rows: Vec<Vec<f32>> = out
+            .iter_mut()
+            .map(|o| std::mem::take(&mut o.logits))
+            .collect();
+        self.download_logit_rows(&mut rows, logits)?;
+        for (o, r) in out.iter_mut().zip(rows) {
+            o.logits = r;
+        }
+        Ok(())
+    }
+
     /// Feeds `tokens` to `seq` from `start_pos` (already validated); for each block of wanted
-    /// logits rows, `sink(backend, device pointer of the rows, count)` is called after it ran.
+    /// logits rows, `sink(backend, logits, idx, count)` is called after it ran (device pointers
+    /// of the f32 rows and their i32 greedy tokens).
     fn feed(
         &mut self,
         seq: SeqId,
         tokens: &[u32],
         start_pos: usize,
         want: LogitsWanted,
-        mut sink: impl FnMut(&Self, u64, usize) -> Result<(), String>,
+        mut sink: impl FnMut(&Self, u64, u64, usize) -> Result<(), String>,
     ) -> Result<(), String> {
         let mut c = match self.seqs.remove(&seq) {
             Some(c) => c,
@@ -921,10 +976,12 @@ impl CudaBackend {
                 let first_tok = ci * step;
                 let lm = match want {
                     LogitsWanted::All => Some((0, chunk.len())),
-                    LogitsWanted::Last if first_tok + chunk.len() == n => {
+                    LogitsWanted::Last | LogitsWanted::LastGreedy
+                        if first_tok + chunk.len() == n =>
+                    {
                         Some((chunk.len() - 1, 1))
                     }
-                    LogitsWanted::Last => None,
+                    LogitsWanted::Last | LogitsWanted::LastGreedy => None,
                 };
                 if chunk.len() > MAXT {
                     let rows: Vec<usize> =
@@ -932,13 +989,13 @@ impl CudaBackend {
                     self.run_wide(
                         &[(&c, chunk, start_pos + first_tok)],
                         &rows,
-                        &mut |b, p, k| sink(b, p, k),
+                        &mut |b, p, ix, k| sink(b, p, ix, k),
                     )?;
                 } else {
                     let sp = self.params(&c, chunk, start_pos + first_tok);
                     self.run_chunk(&sp, lm)?;
                     if let Some((_, count)) = lm {
-                        sink(self, self.scratch.logits.ptr, count)?;
+                        sink(self, self.scratch.logits.ptr, self.scratch.idx.ptr, count)?;
                     }
                 }
             }
@@ -1003,15 +1060,25 @@ impl CudaBackend {
         }
         let start = self.cached_len(seq).unwrap_or(0);
         self.check_step(seq, tokens, start)?;
-        let mut out = 0u32;
-        self.feed(seq, tokens, start, LogitsWanted::Last, |b, _, _| {
-            let mut idx = [0i32; 1];
-            b.gpu.download(&mut idx, b.scratch.idx.ptr)?;
-            out = idx[0] as u32;
-            Ok(())
-        })
+        let mut out = None;
+        self.feed(
+            seq,
+            tokens,
+            start,
+            LogitsWanted::LastGreedy,
+            |b, _, idx, _| {
+                let mut id = [0i32; 1];
+                b.gpu.download(&mut id, idx)?;
+                out = u32::try_from(id[0]).ok();
+                Ok(())
+            },
+        )
         .map_err(failed)?;
-        Ok(out)
+        out.ok_or_else(|| {
+            failed(format!(
+                "sequence {seq}: no logit above -inf (no greedy token)"
+            ))
+        })
     }
 
     /// Runs a short prompt (a wide launch when the wide path is on) and a decode step on a
@@ -1155,7 +1222,7 @@ impl Backend for CudaBackend {
         }
         self.gpu.bind().map_err(failed)?;
         let vocab = self.dims.vocab;
-        let mut steps: Vec<Vec<f32>> = vec![Vec::new(); batch.steps.len()];
+        let mut steps: Vec<StepOut> = vec![StepOut::default(); batch.steps.len()];
         // Single-token steps (decode) run `decode_group` sequences at a time, so the weights are
         // read once per group; the rest (prefill, chunked prefill) and a lone decode step one by
         // one.
@@ -1171,29 +1238,38 @@ impl Backend for CudaBackend {
                     (s.seq, s.tokens[0], s.start_pos)
                 })
                 .collect();
-            let out = self.decode_together(&rows).map_err(failed)?;
-            for (&i, row) in group.iter().zip(out) {
-                steps[i] = row;
+            let want: Vec<LogitsWanted> =
+                group.iter().map(|&i| batch.steps[i].want_logits).collect();
+            let out = self.decode_together(&rows, &want).map_err(failed)?;
+            for (&i, o) in group.iter().zip(out) {
+                steps[i] = o;
                 done[i] = true;
             }
         }
         for (i, s) in batch.steps.iter().enumerate().filter(|(i, _)| !done[*i]) {
-            let mut rows: Vec<f32> = Vec::new();
+            let mut o = StepOut::default();
             self.feed(
                 s.seq,
                 &s.tokens,
                 s.start_pos,
                 s.want_logits,
-                |b, ptr, count| {
-                    let start = rows.len();
-                    rows.resize(start + count * vocab, 0.0);
-                    b.download_logits(&mut rows[start..], ptr)
+                |b, ptr, idx, count| {
+                    if s.want_logits == LogitsWanted::LastGreedy {
+                        let mut id = [0i32; 1];
+                        b.gpu.download(&mut id, idx + (4 * (count - 1)) as u64)?;
+                        o.greedy = u32::try_from(id[0]).ok();
+                        return Ok(());
+                    }
+                    let start = o.logits.len();
+                    o.logits.resize(start + count * vocab, 0.0);
+                    b.download_logits(&mut o.logits[start..], ptr)
                 },
             )
             .map_err(failed)?;
-            steps[i] = rows;
+            steps[i] = o;
         }
-        Ok(Logits::new(vocab, steps))
+        let (rows, greedy) = steps.into_iter().map(|o| (o.logits, o.greedy)).unzip();
+        Ok(Logits::with_greedy(vocab, rows, greedy))
     }
 
     fn release(&mut self, seq: SeqId) {

@@ -52,7 +52,8 @@ impl FlashAttn {
     ///   and V, `[T][nkv*64]` in the KV element type; `sinks`: `[nh]` f32 raw logits.
     /// - `window`: 0 = full attention, else a query at `p` sees keys `p - window + 1 ..= p`;
     ///   `ring`: 0 = cache slot is the position, else `position % ring`.
-    /// - `out`: `[T][nh*64]` bf16 (round to nearest even).
+    /// - `out`: `[T][nh*64]` bf16 (round to nearest even); `out_lo`: 0, or `[T][nh*64]` bf16
+    ///   rounding remainders (`bf16(o - out)`).
     /// - `kvmode`: the KV element type, `KV_BF16` 0 / `KV_F32` 1 / `KV_F16` 2 (common.cuh; what
     ///   [`KvDtype::mode`](crate::KvDtype) returns).
     #[allow(clippy::too_many_arguments)]
@@ -70,6 +71,7 @@ impl FlashAttn {
         window: usize,
         ring: usize,
         out: u64,
+        out_lo: u64,
         nh: usize,
         nkv: usize,
         kvmode: i32,
@@ -94,7 +96,7 @@ impl FlashAttn {
             nkv as i32,
         );
         let mut a = args!(
-            segs, layer, q, kn, vn, sinks, window, ring, out, nh, nkv, kvmode
+            segs, layer, q, kn, vn, sinks, window, ring, out, out_lo, nh, nkv, kvmode
         );
         launch_threads(
             self.f,

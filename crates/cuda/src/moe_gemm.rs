@@ -13,9 +13,9 @@
 //!
 //! The same GEMM runs one dense matrix over `T` rows ([`Tiles::Dense`]).
 //!
-//! [`TileN::N64`] (64 tokens per tile) is for prefill (compute-bound), [`TileN::N16`] (16 tokens)
-//! for batched decode, where an expert gets a few tokens and every weight byte should be read
-//! once. Both tile 128 weight rows per block; the route must be run with the same `BN` as the
+//! [`TileN::N128`] and [`TileN::N64`] (128 / 64 tokens per tile) are for prefill (compute-bound;
+//! the wider tile halves the dequantization per mma), [`TileN::N16`] (16 tokens) for batched
+//! decode, where an expert gets a few tokens and every weight byte should be read once. Both tile 128 weight rows per block; the route must be run with the same `BN` as the
 //! GEMM that uses its tiles.
 //!
 //! Every buffer argument is a device address (`u64`); the launchers only queue work on the
@@ -46,19 +46,32 @@ const ROUTE_THREADS: u32 = 1024;
 /// Token-tile width of a GEMM launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TileN {
-    /// 64 tokens per tile (`k_gemm_q_n64`): prefill.
+    /// 128 tokens per tile (`k_gemm_q_n128`): prefill with many tokens per expert.
+    N128,
+    /// 64 tokens per tile (`k_gemm_q_n64`): prefill with fewer tokens per expert.
     N64,
     /// 16 tokens per tile (`k_gemm_q_n16`): batched decode.
     N16,
 }
 
 impl TileN {
+    /// Every variant, for benchmarks.
+    pub const ALL: [TileN; 3] = [TileN::N128, TileN::N64, TileN::N16];
+
     /// Tokens per tile (`BN`).
     pub fn bn(self) -> usize {
         match self {
+            TileN::N128 => 128,
             TileN::N64 => 64,
             TileN::N16 => 16,
         }
+    }
+
+    /// The variant named `name` (`n128`, `n64`, `n16`).
+    pub fn parse(name: &str) -> Option<TileN> {
+        TileN::ALL
+            .into_iter()
+            .find(|t| format!("{t:?}").eq_ignore_ascii_case(name))
     }
 
     /// Dynamic shared memory of the kernel: double-buffered bf16 tiles of `BM` weight rows and
@@ -85,7 +98,9 @@ pub enum Tiles {
         max_tiles: usize,
     },
     /// One matrix (`mats[0]`) over rows `0..t`: tile `y` = rows `y*BN .. min((y+1)*BN, t)`.
-    Dense { t: usize },
+    /// The bias is added to rows `< bias_rows` only (rows past it hold the lo parts of split
+    /// activations; `bias_rows = t` for a plain product).
+    Dense { t: usize, bias_rows: usize },
 }
 
 /// Arguments of one GEMM launch (see moe_gemm.cu).
@@ -123,8 +138,8 @@ macro_rules! args {
 pub struct MoeGemm {
     _module: Module,
     route: Func,
-    n64: Func,
-    n16: Func,
+    /// The GEMM kernel of each [`TileN`], in the order of [`TileN::ALL`].
+    gemms: [Func; 3],
     combine: Func,
 }
 
@@ -132,16 +147,20 @@ impl MoeGemm {
     /// Loads the image and raises the dynamic shared-memory limit of the GEMM kernels.
     pub fn load(gpu: &Gpu) -> Result<MoeGemm, String> {
         let module = gpu.load_module(MOE_GEMM_FATBIN)?;
-        let k = MoeGemm {
+        let mut gemms = Vec::new();
+        for tn in TileN::ALL {
+            let f = module.function(&format!("k_gemm_q_{}", format!("{tn:?}").to_lowercase()))?;
+            f.set_max_dynamic_smem(tn.smem_bytes())?;
+            gemms.push(f);
+        }
+        Ok(MoeGemm {
             route: module.function("k_moe_route")?,
-            n64: module.function("k_gemm_q_n64")?,
-            n16: module.function("k_gemm_q_n16")?,
+            gemms: gemms
+                .try_into()
+                .map_err(|_| "moe_gemm: one kernel per tile variant".to_string())?,
             combine: module.function("k_moe_combine")?,
             _module: module,
-        };
-        k.n64.set_max_dynamic_smem(TileN::N64.smem_bytes())?;
-        k.n16.set_max_dynamic_smem(TileN::N16.smem_bytes())?;
-        Ok(k)
+        })
     }
 
     /// Sorts the `t*k` pairs of `sel` (int `[t*k]`, expert of pair `(t, k)` at `t*k + k`, each
@@ -192,27 +211,25 @@ impl MoeGemm {
             return Err(format!("moe_gemm: unknown mode {}", g.mode));
         }
         let bn = tn.bn();
-        let (tiles, ntiles, t, ny) = match g.tiles {
+        let (tiles, ntiles, t, ny, bias_rows) = match g.tiles {
             Tiles::Moe {
                 tiles,
                 ntiles,
                 max_tiles,
-            } => (tiles, ntiles, 0usize, max_tiles),
-            Tiles::Dense { t } => (0u64, 0u64, t, t.div_ceil(bn)),
+            } => (tiles, ntiles, 0usize, max_tiles, 0usize),
+            Tiles::Dense { t, bias_rows } => (0u64, 0u64, t, t.div_ceil(bn), bias_rows),
         };
         if ny == 0 || g.rows == 0 {
             return Ok(());
         }
         let grid = (g.rows.div_ceil(BM) as u32, ny as u32, 1);
-        let f = match tn {
-            TileN::N64 => self.n64,
-            TileN::N16 => self.n16,
-        };
+        let f = self.gemms[TileN::ALL.iter().position(|&v| v == tn).expect("listed")];
         let (mats, x, gather, mode, out, alpha, limit) =
             (g.mats, g.x, g.gather, g.mode, g.out, g.alpha, g.limit);
         let (t, ldx, ldo) = (t as i32, g.ldx as i32, g.ldo as i32);
+        let bias_rows = bias_rows.min(i32::MAX as usize) as i32;
         let mut a = args!(
-            mats, tiles, ntiles, t, x, ldx, gather, mode, out, ldo, alpha, limit
+            mats, tiles, ntiles, t, x, ldx, gather, mode, out, ldo, alpha, limit, bias_rows
         );
         launch_threads(f, grid, 256, tn.smem_bytes(), s, &mut a)
     }

@@ -4,10 +4,18 @@
 //!
 //! Per layer: RMSNorm (bf16 out) → q/k/v GEMMs (cuBLAS for bf16 weights, else the 4-bit GEMM in
 //! dense mode) → bias + RoPE → flash attention (sinks, window, GQA; the launch's own K/V read
-//! from a side buffer) → K/V stored into the caches → o_proj GEMM accumulated into the residual
-//! → o bias + post-norm → router + top-k → tokens sorted by expert → gate_up GEMM with SwiGLU
-//! → down GEMM → weighted combine into the residual. Every weight stays packed; activations
-//! are bf16 into the tensor cores with f32 accumulation; the residual stream stays f32.
+//! from a side buffer) → K/V stored into the caches → o_proj GEMM → residual add, o bias and
+//! post-norm → router + top-k → tokens sorted by expert → gate_up GEMM with SwiGLU → down GEMM
+//! → weighted combine into the residual. Every weight stays packed; the tensor cores take bf16
+//! with f32 accumulation; the residual stream stays f32.
+//!
+//! Activations into the attention projections are *split*: the bf16 value and the bf16 of its
+//! rounding remainder, stacked as `2t` rows of one GEMM whose two products are summed by the
+//! next kernel. That keeps ~16 significant bits where a plain bf16 input keeps 8: on the
+//! fixtures (CPU emulation of each rounding) bf16 inputs to q/k/v alone move the logits by a
+//! median 1.2e-2 per row and to o_proj 5e-3, more than all other roundings together. It costs
+//! twice the (small) q/k/v/o tensor-core work; the weights are read once either way. The
+//! experts keep plain bf16 inputs (their GEMMs are most of the FLOPs).
 //!
 //! The launch description lives on the device (token ids, positions, per-sequence
 //! [`SegDev`]s), uploaded once per launch.
@@ -19,9 +27,7 @@ use crate::blas::Blas;
 use crate::driver::{DevBuf, Event, Func, Gpu, Module, PinnedBuf, Stream, launch_threads};
 use crate::flash::FlashAttn;
 use crate::kernels::{Dims, K_BF16, LayerDev, MAX_SEGS, MAXT, QMat, SegDev, WIDE_FATBIN};
-use crate::moe_gemm::{
-    GEMM_F32, GEMM_F32_ADD, GEMM_SWIGLU, GemmArgs, MoeGemm, TileN, Tiles, moe_tile_bound,
-};
+use crate::moe_gemm::{GEMM_F32, GEMM_SWIGLU, GemmArgs, MoeGemm, TileN, Tiles, moe_tile_bound};
 
 /// Builds the argument pointer array of a launch from local variables.
 macro_rules! args {
@@ -44,6 +50,7 @@ pub(crate) struct WideKernels {
     rope: Func,
     kv_store: Func,
     router: Func,
+    argmax: Func,
 }
 
 impl WideKernels {
@@ -55,6 +62,7 @@ impl WideKernels {
             rope: m.function("k_rope_w")?,
             kv_store: m.function("k_kv_store")?,
             router: m.function("k_router_w")?,
+            argmax: m.function("k_argmax_rows")?,
             _module: m,
         })
     }
@@ -73,13 +81,16 @@ impl WideKernels {
         launch_threads(self.embed, (t as u32, 1, 1), 256, 0, s, &mut a)
     }
 
-    /// RMSNorm of `t` rows of `x` (rows `rows[i]` when `rows != 0`), after adding `bias` into
-    /// x when `bias != 0`; bf16 out to `ob`, f32 to `of` when `of != 0`.
+    /// RMSNorm of `t` rows of `x` (rows `rows[i]` when `rows != 0`), after adding the split
+    /// product `add` (f32 `[2t][h]`: row `i` + row `t + i`) and `bias` into x when they are not
+    /// 0; bf16 out to `ob` (and with `split` the rounding remainders to rows `t..2t` of `ob`),
+    /// f32 to `of` when `of != 0`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn rmsnorm(
         &self,
         s: &Stream,
         x: u64,
+        add: u64,
         bias: u64,
         w: u64,
         eps: f32,
@@ -88,9 +99,10 @@ impl WideKernels {
         rows: u64,
         ob: u64,
         of: u64,
+        split: bool,
     ) -> Result<(), String> {
-        let h = h as i32;
-        let mut a = args!(x, bias, w, eps, h, rows, ob, of);
+        let (h, split) = (h as i32, split as i32);
+        let mut a = args!(x, add, bias, w, eps, h, rows, ob, of, split);
         launch_threads(self.rmsnorm, (t as u32, 1, 1), 256, 0, s, &mut a)
     }
 
@@ -108,10 +120,13 @@ impl WideKernels {
         vn: u64,
         d: &Dims,
         t: usize,
+        split: bool,
     ) -> Result<(), String> {
         let [bq, bk, bv] = biases;
-        let (nh, nkv, kvmode) = (d.nh as i32, d.nkv as i32, d.kv.mode());
-        let mut a = args!(qkv, bq, bk, bv, pos, cos, sin, q, kn, vn, nh, nkv, kvmode);
+        let (nh, nkv, kvmode, split) = (d.nh as i32, d.nkv as i32, d.kv.mode(), split as i32);
+        let mut a = args!(
+            qkv, bq, bk, bv, pos, cos, sin, q, kn, vn, nh, nkv, kvmode, split
+        );
         launch_threads(self.rope, (t as u32, 1, 1), 256, 0, s, &mut a)
     }
 
@@ -162,6 +177,23 @@ impl WideKernels {
     }
 }
 
+impl WideKernels {
+    /// Greedy token of each of `rows` logits rows (`[rows][vocab]` f32 at `logits`) into `idx`
+    /// (i32 `[rows]`, -1 where no value is above -inf).
+    pub(crate) fn argmax(
+        &self,
+        s: &Stream,
+        logits: u64,
+        vocab: usize,
+        rows: usize,
+        idx: u64,
+    ) -> Result<(), String> {
+        let vocab = vocab as i32;
+        let mut a = args!(logits, vocab, idx);
+        launch_threads(self.argmax, (rows as u32, 1, 1), 1024, 0, s, &mut a)
+    }
+}
+
 /// Device buffers of one wide launch of at most `cap` tokens (allocated once, at load, so the
 /// KV budget of `serve` sees them).
 pub(crate) struct WideScratch {
@@ -174,18 +206,20 @@ pub(crate) struct WideScratch {
     pub(crate) rows: DevBuf,
     /// Residual stream f32 [cap][H].
     pub(crate) x: DevBuf,
-    /// Normed activations bf16 [cap][H] (GEMM input).
+    /// Normed activations bf16 [2 cap][H] (GEMM input): rows `0..t` the bf16 values, rows
+    /// `t..2t` their rounding remainders (see the module docs).
     pub(crate) xb: DevBuf,
     /// Normed activations f32 [cap][H] (router input).
     pub(crate) hf: DevBuf,
-    /// q/k/v GEMM output f32 [cap][qd + 2 kvd].
+    /// q/k/v GEMM output f32 [2 cap][qd + 2 kvd] (hi and lo products); reused for the o_proj
+    /// output [2 cap][H].
     pub(crate) qkv: DevBuf,
     /// Rotated q f32 [cap][qd].
     pub(crate) q: DevBuf,
     /// Fresh K and V [cap][kvd] in the cache's element type.
     pub(crate) kn: DevBuf,
     pub(crate) vn: DevBuf,
-    /// Attention output bf16 [cap][qd].
+    /// Attention output bf16 [2 cap][qd] (hi rows, then lo rows).
     pub(crate) attn: DevBuf,
     pub(crate) sel: DevBuf,
     pub(crate) wsel: DevBuf,
@@ -199,6 +233,8 @@ pub(crate) struct WideScratch {
     pub(crate) y: DevBuf,
     /// lm_head output f32 [WIDE_LM_ROWS][vocab].
     pub(crate) logits: DevBuf,
+    /// Greedy token of each `logits` row, i32 [WIDE_LM_ROWS].
+    pub(crate) idx: DevBuf,
     /// Pinned host staging of `logits` (see [`PinnedBuf`]).
     pub(crate) logits_host: PinnedBuf,
 }
@@ -215,13 +251,13 @@ impl WideScratch {
             segs: a(MAX_SEGS * size_of::<SegDev>())?,
             rows: a(cap * 4)?,
             x: a(cap * d.h * 4)?,
-            xb: a(cap * d.h * 2)?,
+            xb: a(2 * cap * d.h * 2)?,
             hf: a(cap * d.h * 4)?,
-            qkv: a(cap * (d.q_dim + 2 * d.kv_dim) * 4)?,
+            qkv: a(2 * cap * (d.q_dim + 2 * d.kv_dim).max(d.h) * 4)?,
             q: a(cap * d.q_dim * 4)?,
             kn: a(cap * d.kv_dim * kv_elem)?,
             vn: a(cap * d.kv_dim * kv_elem)?,
-            attn: a(cap * d.q_dim * 2)?,
+            attn: a(2 * cap * d.q_dim * 2)?,
             sel: a(pairs * 4)?,
             wsel: a(pairs * 4)?,
             pair_tok: a(pairs * 4)?,
@@ -231,6 +267,7 @@ impl WideScratch {
             act: a(pairs * d.inter * 2)?,
             y: a(pairs * d.h * 4)?,
             logits: a(WIDE_LM_ROWS * d.vocab * 4)?,
+            idx: a(WIDE_LM_ROWS * 4)?,
             logits_host: gpu.alloc_pinned(WIDE_LM_ROWS * d.vocab * 4)?,
         })
     }
@@ -246,6 +283,27 @@ pub(crate) const OFF_Q: usize = offset_of!(LayerDev, q);
 pub(crate) const OFF_K: usize = offset_of!(LayerDev, k);
 pub(crate) const OFF_V: usize = offset_of!(LayerDev, v);
 pub(crate) const OFF_O: usize = offset_of!(LayerDev, o);
+
+/// The experts' token-tile width for `pairs` (token, expert) pairs over `experts` experts: 16
+/// when an expert gets few tokens (batched decode), 128 from 128 tokens per expert on average,
+/// else 64. `GPTOSS_CUDA_TILES=small,large` (e.g. `n16,n64`) overrides the choice below / from
+/// 32 tokens per expert, for tuning.
+pub(crate) fn expert_tiles(pairs: usize, experts: usize) -> TileN {
+    let small = pairs < 32 * experts;
+    if let Ok(v) = std::env::var("GPTOSS_CUDA_TILES") {
+        let mut it = v.split(',').map(TileN::parse);
+        if let (Some(Some(a)), Some(Some(b))) = (it.next(), it.next()) {
+            return if small { a } else { b };
+        }
+    }
+    if small {
+        TileN::N16
+    } else if pairs >= 128 * experts {
+        TileN::N128
+    } else {
+        TileN::N64
+    }
+}
 
 /// Whether a dense projection goes to cuBLAS (bf16 weights and a handle) or to the 4-bit GEMM.
 pub(crate) fn use_blas(blas: &Option<Blas>, m: &QMat) -> bool {
@@ -321,6 +379,11 @@ impl WideProfile {
     }
 }
 
+/// Receives each block of computed logits rows: `(backend, logits, idx, rows)`, the device
+/// addresses of `rows` f32 logits rows and of their greedy tokens (i32, -1 when no logit is
+/// above -inf).
+pub(crate) type LmSink<'s> = dyn FnMut(&CudaBackend, u64, u64, usize) -> Result<(), String> + 's;
+
 /// One sequence of a wide launch: its cache, its new tokens, the position of the first.
 pub(crate) type WideSeg<'a> = (&'a SeqCache, &'a [u32], usize);
 
@@ -368,15 +431,15 @@ impl CudaBackend {
 
     /// Runs one wide launch: the tokens of `segs` (at most `cap` in all, at most [`MAX_SEGS`]
     /// sequences; caches already grown to hold them), then lm_head for the launch rows `lm`
-    /// (ascending), handing each computed block of logits rows to `sink(backend, device
-    /// pointer, rows)` in order. A block of at most MAXT consecutive rows goes through the decode
+    /// (ascending), handing each computed block of logits rows to `sink(backend, logits, idx,
+    /// rows)` in order (device pointers of the f32 rows and of their i32 greedy tokens). A block of at most MAXT consecutive rows goes through the decode
     /// path's `k_linear` (f32 activations, greedy argmax into `scratch.idx`), larger ones through
     /// a bf16 GEMM in blocks of [`WIDE_LM_ROWS`].
     pub(crate) fn run_wide(
         &self,
         segs: &[WideSeg<'_>],
         lm: &[usize],
-        sink: &mut dyn FnMut(&Self, u64, usize) -> Result<(), String>,
+        sink: &mut LmSink<'_>,
     ) -> Result<(), String> {
         let w = self.wide.as_ref().ok_or("the wide path is not loaded")?;
         let (s, d, m, ws) = (&self.gpu.stream, &self.dims, &self.model, &w.scratch);
@@ -417,18 +480,15 @@ impl CudaBackend {
         let mut prof = WideProfile::new()?;
         prof.mark(s, "embed")?;
         w.k.embed(s, &m.embed, ws.tok.ptr, ws.x.ptr, d.h, t)?;
-        // Experts: tiles of 16 tokens when an expert gets few (batched decode), else 64.
-        let tn = if t * d.k < 32 * d.e {
-            TileN::N16
-        } else {
-            TileN::N64
-        };
-        let dense_tn = if t < 64 { TileN::N16 } else { TileN::N64 };
+        let tn = expert_tiles(t * d.k, d.e);
         for l in 0..d.layers {
             let lh = &m.layers[l];
             let ld = m.layer_dev.ptr;
             prof.mark(s, "norm + q/k/v")?;
-            w.k.rmsnorm(s, ws.x.ptr, 0, lh.in_norm, d.eps, d.h, t, 0, ws.xb.ptr, 0)?;
+            // Hi rows 0..t and lo rows t..2t of the normed input, multiplied in one GEMM.
+            w.k.rmsnorm(
+                s, ws.x.ptr, 0, 0, lh.in_norm, d.eps, d.h, t, 0, ws.xb.ptr, 0, true,
+            )?;
             let mut biases = [0u64; 3];
             for (i, (qm, off, col)) in [
                 (&lh.q, OFF_Q, 0),
@@ -439,42 +499,23 @@ impl CudaBackend {
             .enumerate()
             {
                 let out = ws.qkv.ptr + (col * 4) as u64;
-                if use_blas(&w.blas, qm) {
-                    let b = w.blas.as_ref().expect("checked");
-                    b.gemm_bf16(
-                        qm.w,
-                        qm.rows as usize,
-                        d.h,
-                        ws.xb.ptr,
-                        d.h,
-                        t,
-                        out,
-                        ldqkv,
-                        0.0,
-                    )?;
+                if self.split_gemm(
+                    w,
+                    qm,
+                    layer_field(ld, l, off),
+                    ws.xb.ptr,
+                    d.h,
+                    t,
+                    out,
+                    ldqkv,
+                )? {
                     biases[i] = qm.bias;
-                } else {
-                    let g = GemmArgs {
-                        mats: layer_field(ld, l, off),
-                        rows: qm.rows as usize,
-                        cols: d.h,
-                        tiles: Tiles::Dense { t },
-                        x: ws.xb.ptr,
-                        ldx: d.h,
-                        gather: 0,
-                        mode: GEMM_F32,
-                        out,
-                        ldo: ldqkv,
-                        alpha: d.alpha,
-                        limit: d.limit,
-                    };
-                    w.moe.gemm(s, dense_tn, &g)?;
                 }
             }
             prof.mark(s, "rope")?;
             w.k.rope(
                 s, ws.qkv.ptr, biases, ws.pos.ptr, m.cos.ptr, m.sin.ptr, ws.q.ptr, ws.kn.ptr,
-                ws.vn.ptr, d, t,
+                ws.vn.ptr, d, t, true,
             )?;
             let (ring, window) = attn_geometry(lh);
             prof.mark(s, "flash attention")?;
@@ -491,6 +532,7 @@ impl CudaBackend {
                 window,
                 ring,
                 ws.attn.ptr,
+                ws.attn.ptr + (t * qd * 2) as u64,
                 d.nh,
                 d.nkv,
                 d.kv.mode(),
@@ -508,31 +550,26 @@ impl CudaBackend {
                 ring,
             )?;
             prof.mark(s, "o_proj + norm + router")?;
-            let o_bias = if use_blas(&w.blas, &lh.o) {
-                let b = w.blas.as_ref().expect("checked");
-                b.gemm_bf16(lh.o.w, d.h, qd, ws.attn.ptr, qd, t, ws.x.ptr, d.h, 1.0)?;
+            // o_proj of the hi and lo attention rows into the (free again) qkv buffer; the
+            // post-norm kernel adds both and the bias into the residual.
+            let o_bias = if self.split_gemm(
+                w,
+                &lh.o,
+                layer_field(ld, l, OFF_O),
+                ws.attn.ptr,
+                qd,
+                t,
+                ws.qkv.ptr,
+                d.h,
+            )? {
                 lh.o.bias
             } else {
-                let g = GemmArgs {
-                    mats: layer_field(ld, l, OFF_O),
-                    rows: d.h,
-                    cols: qd,
-                    tiles: Tiles::Dense { t },
-                    x: ws.attn.ptr,
-                    ldx: qd,
-                    gather: 0,
-                    mode: GEMM_F32_ADD,
-                    out: ws.x.ptr,
-                    ldo: d.h,
-                    alpha: d.alpha,
-                    limit: d.limit,
-                };
-                w.moe.gemm(s, dense_tn, &g)?;
                 0
             };
             w.k.rmsnorm(
                 s,
                 ws.x.ptr,
+                ws.qkv.ptr,
                 o_bias,
                 lh.post_norm,
                 d.eps,
@@ -541,6 +578,7 @@ impl CudaBackend {
                 0,
                 ws.xb.ptr,
                 ws.hf.ptr,
+                false,
             )?;
             w.k.router(s, &lh.router, ws.hf.ptr, d, t, ws.sel.ptr, ws.wsel.ptr)?;
             prof.mark(s, "moe route")?;
@@ -612,12 +650,52 @@ impl CudaBackend {
         prof.report(t)
     }
 
-    /// lm_head of the launch rows `lm` of the wide residual stream (see [`Self::run_wide`]).
-    fn wide_lm_head(
+    /// `out[r] = W · xb[r]` (f32, row stride `ldo`) for the `2t` rows of a split activation
+    /// (`x`: bf16 `[2t][cols]`, hi rows then lo rows) through cuBLAS for bf16 weights, else
+    /// the 4-bit GEMM in dense mode (bias on the hi rows only). Returns whether the caller
+    /// still has to add the bias (cuBLAS does not).
+    #[allow(clippy::too_many_arguments)]
+    fn split_gemm(
         &self,
-        lm: &[usize],
-        sink: &mut dyn FnMut(&Self, u64, usize) -> Result<(), String>,
-    ) -> Result<(), String> {
+        w: &Wide,
+        qm: &QMat,
+        mat_dev: u64,
+        x: u64,
+        cols: usize,
+        t: usize,
+        out: u64,
+        ldo: usize,
+    ) -> Result<bool, String> {
+        let rows = qm.rows as usize;
+        if use_blas(&w.blas, qm) {
+            let b = w.blas.as_ref().expect("checked");
+            b.gemm_bf16(qm.w, rows, cols, x, cols, 2 * t, out, ldo, 0.0)?;
+            return Ok(true);
+        }
+        let g = GemmArgs {
+            mats: mat_dev,
+            rows,
+            cols,
+            tiles: Tiles::Dense {
+                t: 2 * t,
+                bias_rows: t,
+            },
+            x,
+            ldx: cols,
+            gather: 0,
+            mode: GEMM_F32,
+            out,
+            ldo,
+            alpha: self.dims.alpha,
+            limit: self.dims.limit,
+        };
+        let tn = if 2 * t < 64 { TileN::N16 } else { TileN::N64 };
+        w.moe.gemm(&self.gpu.stream, tn, &g)?;
+        Ok(false)
+    }
+
+    /// lm_head of the launch rows `lm` of the wide residual stream (see [`Self::run_wide`]).
+    fn wide_lm_head(&self, lm: &[usize], sink: &mut LmSink<'_>) -> Result<(), String> {
         let w = self.wide.as_ref().ok_or("the wide path is not loaded")?;
         let (s, d, m, ws) = (&self.gpu.stream, &self.dims, &self.model, &w.scratch);
         let consecutive = lm.windows(2).all(|p| p[1] == p[0] + 1);
@@ -637,7 +715,7 @@ impl CudaBackend {
                     n += 1;
                 }
                 self.lm_head_rows(ws.x.ptr + (lm[i] * d.h * 4) as u64, n)?;
-                sink(self, self.scratch.logits.ptr, n)?;
+                sink(self, self.scratch.logits.ptr, self.scratch.idx.ptr, n)?;
                 i += n;
             }
             return Ok(());
@@ -650,6 +728,7 @@ impl CudaBackend {
                 s,
                 ws.x.ptr,
                 0,
+                0,
                 m.norm,
                 d.eps,
                 d.h,
@@ -657,6 +736,7 @@ impl CudaBackend {
                 ws.rows.ptr,
                 ws.xb.ptr,
                 0,
+                false,
             )?;
             b.gemm_bf16(
                 m.lm_head.w,
@@ -669,7 +749,8 @@ impl CudaBackend {
                 d.vocab,
                 0.0,
             )?;
-            sink(self, ws.logits.ptr, rows.len())?;
+            w.k.argmax(s, ws.logits.ptr, d.vocab, rows.len(), ws.idx.ptr)?;
+            sink(self, ws.logits.ptr, ws.idx.ptr, rows.len())?;
         }
         Ok(())
     }

@@ -16,7 +16,9 @@ use std::time::Instant;
 
 use gptoss_cuda::debug::LayerTrace;
 use gptoss_cuda::{CudaBackend, CudaOptions, KvDtype};
-use gptoss_engine::backend::{Backend, BackendError, LogitsWanted, SeqStep, StepBatch};
+use gptoss_engine::backend::{
+    Backend, BackendError, LogitsWanted, SeqStep, StepBatch, greedy_token,
+};
 use gptoss_engine::cpu::CpuBackend;
 use gptoss_formats::checkpoint::DType;
 use gptoss_formats::codec::bnb4::{Absmax, Bnb4Kind, Bnb4Tensor};
@@ -1363,10 +1365,22 @@ fn wide_path_matches_reference() {
             cpu_batch.push(l);
         }
         for kv in [KvDtype::F32, KvDtype::F16, KvDtype::Bf16] {
-            // Median row error: bf16 activations (and a bf16 cache) on the sensitive fixtures.
-            let tol = if kv == KvDtype::Bf16 { 4e-2 } else { 2.5e-2 };
+            // Median row error. The attention projections take split (hi + lo) activations,
+            // the experts bf16 ones; NF4 weights are dequantized to bf16 the way bitsandbytes
+            // does (bf16(code × absmax)), which the f32 reference does not round: a CPU emulation
+            // of exactly these roundings gives 7.4e-3 (MXFP4, bf16) and 1.73e-2 (unsloth NF4,
+            // whose attention projections are NF4 too) on these router-sensitive fixtures.
+            let nf4 = name.contains("nf4");
+            let tol = match (kv == KvDtype::Bf16, nf4) {
+                (false, false) => 1e-2,
+                (true, false) => 2e-2,
+                (false, true) => 2.5e-2,
+                (true, true) => 4e-2,
+            };
             let opts = CudaOptions {
                 kv_dtype: kv,
+                // Two chunks (1024 + 976): the cache and the sliding ring carried across.
+                wide_tokens: 1024,
                 ..CudaOptions::default()
             };
             let mut gpu = CudaBackend::open(&dir, opts).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -1509,4 +1523,114 @@ fn wide_path_matches_decode_path() {
         unsafe { std::env::remove_var("GPTOSS_CUDA_NO_CUBLAS") };
     }
     ck.assert_all();
+}
+
+/// `LogitsWanted::LastGreedy` (the greedy token picked on the device, no logits row copied)
+/// against the rows of `Last` on a twin backend fed the same steps: every fixture, a prompt
+/// through the wide path and one through the decode kernels, then 12 sequences decoding
+/// together (wide launches: cuBLAS lm_head + `k_argmax_rows`) and 3 together (decode kernels:
+/// `k_linear`'s argmax), with greedy and full-row steps mixed in one batch. The kernels are
+/// deterministic, so the full rows of both backends must be identical and every greedy token
+/// must be `greedy_token` of the twin's row.
+#[test]
+fn greedy_steps_match_logits_rows() {
+    if !gpu_or_skip("greedy_steps_match_logits_rows") {
+        return;
+    }
+    let mut ck = Checks::new();
+    for dir in fixture_dirs() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let mut rows_be = CudaBackend::open(&dir, CudaOptions::default()).unwrap();
+        let mut greedy_be = CudaBackend::open(&dir, CudaOptions::default()).unwrap();
+        let vocab = rows_be.config().vocab_size as u32;
+        let (mut mismatches, mut row_diffs, mut checked) = (0usize, 0usize, 0usize);
+        let mut run = |steps: Vec<SeqStep>, greedy_mask: &dyn Fn(usize) -> bool| -> Vec<u32> {
+            let plain = StepBatch {
+                steps: steps
+                    .iter()
+                    .map(|s| SeqStep {
+                        want_logits: LogitsWanted::Last,
+                        ..s.clone()
+                    })
+                    .collect(),
+            };
+            let mixed = StepBatch {
+                steps: steps
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| SeqStep {
+                        want_logits: if greedy_mask(i) {
+                            LogitsWanted::LastGreedy
+                        } else {
+                            LogitsWanted::Last
+                        },
+                        ..s.clone()
+                    })
+                    .collect(),
+            };
+            let a = rows_be.forward(&plain).unwrap();
+            let b = greedy_be.forward(&mixed).unwrap();
+            let mut next = Vec::new();
+            for i in 0..steps.len() {
+                let want = greedy_token(a.last(i));
+                checked += 1;
+                if greedy_mask(i) {
+                    if !b.step(i).is_empty() || b.greedy(i) != want {
+                        mismatches += 1;
+                    }
+                } else if b.step(i) != a.step(i) || b.greedy(i).is_some() {
+                    row_diffs += 1;
+                }
+                next.push(want.unwrap_or(0));
+            }
+            next
+        };
+        // Prompts: 300 tokens (wide) for sequence 0, 3 tokens (decode kernels) for sequence 1.
+        let p0: Vec<u32> = (0..300u32).map(|i| (i * 31 + 7) % vocab).collect();
+        let p1: Vec<u32> = vec![5, 9, 11];
+        let t0 = run(vec![single_step(0, p0, 0)], &|_| true);
+        let t1 = run(vec![single_step(1, p1, 0)], &|_| true);
+        // 12 more sequences with short prompts, then decode steps of 14 and of 3 sequences.
+        let mut toks = vec![t0[0], t1[0]];
+        let mut lens = vec![300usize, 3];
+        for s in 2..14u64 {
+            let p: Vec<u32> = (0..5 + s as u32)
+                .map(|i| (i * 13 + s as u32) % vocab)
+                .collect();
+            lens.push(p.len());
+            toks.push(run(vec![single_step(s, p, 0)], &|i| i % 2 == 0)[0]);
+        }
+        for k in 0..4 {
+            let n = if k % 2 == 0 { 14 } else { 3 };
+            let steps: Vec<SeqStep> = (0..n)
+                .map(|s| single_step(s as u64, vec![toks[s]], lens[s]))
+                .collect();
+            let next = run(steps, &|i| (i + k) % 3 != 0);
+            for s in 0..n {
+                toks[s] = next[s];
+                lens[s] += 1;
+            }
+        }
+        println!("  {name}: {checked} steps compared");
+        ck.add(
+            &format!("{name}: greedy tokens differing from the row's arg-max"),
+            mismatches as f32,
+            0.0,
+        );
+        ck.add(
+            &format!("{name}: full rows differing between the backends"),
+            row_diffs as f32,
+            0.0,
+        );
+    }
+    ck.assert_all();
+}
+
+fn single_step(seq: u64, tokens: Vec<u32>, start_pos: usize) -> SeqStep {
+    SeqStep {
+        seq,
+        tokens,
+        start_pos,
+        want_logits: LogitsWanted::Last,
+    }
 }

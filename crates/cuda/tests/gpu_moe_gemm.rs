@@ -733,6 +733,36 @@ fn moe_gemm_matches_reference() {
         let yg64: Vec<f32> = download(&gpu, y64.ptr, p * h);
         let yg16: Vec<f32> = download(&gpu, y16.ptr, p * h);
         let xg: Vec<f32> = download(&gpu, xr.ptr, t * h);
+        // The other tile variants, each with its own route, into poisoned buffers (gate_up
+        // from x, down from the n64 activations: the same inputs as above).
+        let others: Vec<(TileN, Vec<f32>, Vec<f32>)> = [TileN::N128]
+            .into_iter()
+            .map(|tn| {
+                let r = dev_route(&gpu, &kern, &sel, kk, e, tn.bn());
+                for b in [&act16, &y16] {
+                    poison(&gpu, b);
+                }
+                gemm(
+                    tn,
+                    &r,
+                    gu_tab.ptr,
+                    2 * inter,
+                    h,
+                    x_dev.ptr,
+                    h,
+                    r.pair_tok.ptr,
+                    GEMM_SWIGLU,
+                    act16.ptr,
+                    inter,
+                );
+                gemm(
+                    tn, &r, dn_tab.ptr, h, inter, act64.ptr, inter, 0, GEMM_F32, y16.ptr, h,
+                );
+                gpu.sync().unwrap();
+                let a = bf16_to_f32(&download::<u16>(&gpu, act16.ptr, p * inter));
+                (tn, a, download(&gpu, y16.ptr, p * h))
+            })
+            .collect();
 
         let t1 = std::time::Instant::now();
         let pt = &want.pair_tok;
@@ -771,10 +801,15 @@ fn moe_gemm_matches_reference() {
         check(&format!("T={t} n64 down"), &yg64, &y_ref);
         check(&format!("T={t} n16 down"), &yg16, &y_ref);
         check(&format!("T={t} combine"), &xg, &x_ref);
+        for (tn, a, y) in &others {
+            check(&format!("T={t} {tn:?} gate_up+swiglu"), a, &act_ref);
+            check(&format!("T={t} {tn:?} down"), y, &y_ref);
+        }
     }
 }
 
-/// Dense mode: one matrix over T = 100 rows with a residual add, every kind.
+/// Dense mode: one matrix over T = 100 rows with a residual add, every kind; the bias only on
+/// the first 63 rows (`bias_rows`: the rows past it are the lo parts of split activations).
 #[test]
 fn dense_gemm_f32_add() {
     let Some(gpu) = gpu_or_skip("dense_gemm_f32_add") else {
@@ -798,7 +833,14 @@ fn dense_gemm_f32_add() {
         let mat_dev = upload(&gpu, &[m.q]);
         let resid = rng.vec(t * rows, 1.0);
         let expert_of = vec![0usize; t];
-        let prod = ref_gemm(&[&m], &expert_of, &|r| &x[r * cols..(r + 1) * cols], rows);
+        let bias_rows = 63;
+        let mut prod = ref_gemm(&[&m], &expert_of, &|r| &x[r * cols..(r + 1) * cols], rows);
+        let bias = m.bias.as_ref().expect("made with a bias");
+        for row in prod.chunks_mut(rows).skip(bias_rows) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v -= b;
+            }
+        }
         let want: Vec<f32> = resid.iter().zip(&prod).map(|(a, b)| a + b).collect();
         for tn in [TileN::N64, TileN::N16] {
             let out = upload(&gpu, &resid);
@@ -809,7 +851,7 @@ fn dense_gemm_f32_add() {
                     mats: mat_dev.ptr,
                     rows,
                     cols,
-                    tiles: Tiles::Dense { t },
+                    tiles: Tiles::Dense { t, bias_rows },
                     x: x_dev.ptr,
                     ldx: cols,
                     gather: 0,
@@ -846,10 +888,14 @@ fn moe_gemm_timing() {
     let dn_tab = upload(&gpu, &dn.iter().map(|m| m.q).collect::<Vec<_>>());
     let timer = Timer::new().unwrap();
     for (t, tn) in [
-        (4096usize, TileN::N64),
+        (4096usize, TileN::N128),
+        (4096, TileN::N64),
+        (2048, TileN::N128),
+        (1024, TileN::N128),
+        (1024, TileN::N64),
         (32, TileN::N16),
         (32, TileN::N64),
-        (4096, TileN::N16),
+        (128, TileN::N16),
     ] {
         let p = t * kk;
         let sel = random_sel(&mut rng, t, kk, e);

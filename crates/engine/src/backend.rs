@@ -12,7 +12,8 @@
 //!   guessed, so a scheduler bug cannot silently corrupt a cache;
 //! - a batch is all-or-nothing: on error no cache has changed;
 //! - logits rows follow the steps' order; within a step, `All` returns one row per token,
-//!   `Last` only the row of the last token.
+//!   `Last` only the row of the last token, `LastGreedy` no row but the greedy token of the last
+//!   row ([`Logits::greedy`]).
 
 use gptoss_formats::GptOssConfig;
 
@@ -26,6 +27,24 @@ pub enum LogitsWanted {
     Last,
     /// One row per token of the step (scoring, prompt logprobs, tests).
     All,
+    /// Only the greedy token of the last row ([`greedy_token`]'s rule), no logits: a GPU
+    /// backend picks it on the device and copies back 4 bytes instead of a vocabulary row. For
+    /// requests whose sampling needs nothing but the arg-max (temperature 0, no penalties, no
+    /// logprobs).
+    LastGreedy,
+}
+
+/// The greedy token of a logits row: the lowest id holding the largest value, where NaN never
+/// wins and `+inf` beats every finite value (the engine sampler's rule). `None` when no entry is
+/// above `-inf` (no token can be chosen).
+pub fn greedy_token(row: &[f32]) -> Option<u32> {
+    let mut best: Option<(u32, f32)> = None;
+    for (i, &v) in row.iter().enumerate() {
+        if v > f32::NEG_INFINITY && best.is_none_or(|(_, b)| v > b) {
+            best = Some((i as u32, v));
+        }
+    }
+    best.map(|(i, _)| i)
 }
 
 /// The next tokens of one sequence.
@@ -52,21 +71,43 @@ impl StepBatch {
     }
 }
 
-/// Logits of a [`StepBatch`], per step, as rows of `vocab_size` f32.
+/// Logits of a [`StepBatch`], per step, as rows of `vocab_size` f32 (none for a
+/// [`LogitsWanted::LastGreedy`] step, which has its greedy token instead).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Logits {
     vocab_size: usize,
     steps: Vec<Vec<f32>>,
+    /// Per step: the greedy token of a `LastGreedy` step (`None` for other steps, and for a
+    /// `LastGreedy` row without any value above `-inf`).
+    greedy: Vec<Option<u32>>,
 }
 
 impl Logits {
     /// Builds the result from per-step row blocks (each a multiple of `vocab_size` long).
     pub fn new(vocab_size: usize, steps: Vec<Vec<f32>>) -> Self {
+        let greedy = vec![None; steps.len()];
+        Self::with_greedy(vocab_size, steps, greedy)
+    }
+
+    /// Like [`Logits::new`], with the greedy tokens of the `LastGreedy` steps (one entry per
+    /// step; `None` elsewhere).
+    pub fn with_greedy(vocab_size: usize, steps: Vec<Vec<f32>>, greedy: Vec<Option<u32>>) -> Self {
         assert!(
             steps.iter().all(|s| s.len().is_multiple_of(vocab_size)),
             "logits rows are vocab_size wide"
         );
-        Logits { vocab_size, steps }
+        assert_eq!(steps.len(), greedy.len(), "one greedy entry per step");
+        Logits {
+            vocab_size,
+            steps,
+            greedy,
+        }
+    }
+
+    /// The greedy token of step `i` when it was a [`LogitsWanted::LastGreedy`] step (`None`
+    /// for other steps, or when no logit was above `-inf`).
+    pub fn greedy(&self, i: usize) -> Option<u32> {
+        self.greedy[i]
     }
 
     /// Width of a row.
@@ -98,6 +139,11 @@ impl Logits {
     /// The per-step blocks.
     pub fn into_steps(self) -> Vec<Vec<f32>> {
         self.steps
+    }
+
+    /// The per-step blocks and greedy tokens.
+    pub fn into_parts(self) -> (Vec<Vec<f32>>, Vec<Option<u32>>) {
+        (self.steps, self.greedy)
     }
 }
 

@@ -14,12 +14,13 @@
 //! between runs:
 //! - **prefill**: N sequences of P random tokens (sequence `s` of length P always gets the same
 //!   tokens, whatever N is; SeqIds `0..N`) are prefilled one after the other, one
-//!   [`Backend::forward`] per sequence (per piece) with [`LogitsWanted::Last`]; the N prefills are
-//!   timed together: `prefill_tok_s = N × P / time`;
+//!   [`Backend::forward`] per sequence (per piece) with [`LogitsWanted::LastGreedy`]; the N
+//!   prefills are timed together: `prefill_tok_s = N × P / time`;
 //! - **decode**: one untimed warm-up step (it captures the CUDA graph), then `--gen-len` timed
 //!   steps, each ONE [`Backend::forward`] carrying all N sequences' next token (one [`SeqStep`]
-//!   of one token per sequence at `start_pos` = its length, [`LogitsWanted::Last`]); the next
-//!   token is the argmax of each logits row, taken on the host. `decode_tok_s = N × gen_len /
+//!   of one token per sequence at `start_pos` = its length, [`LogitsWanted::LastGreedy`]: the
+//!   backend returns each sequence's greedy token, as the engine asks for greedy requests; a GPU
+//!   backend picks it on the device and copies back only the ids). `decode_tok_s = N × gen_len /
 //!   time` (aggregate), `per_seq_tok_s = gen_len / time`, `ms_per_step = time / gen_len`, and
 //!   `speedup_vs_batch1 = decode_tok_s / decode_tok_s(N = 1, same P)` when `--batch` lists 1.
 //!
@@ -27,7 +28,7 @@
 //! `decode_greedy` take the argmax on the device and copy back only the token id, and the run also
 //! reports the device time of a step (`time_step`), the bytes read per token and the roofline
 //! fraction (and per-kernel times with `--profile`). Batches N > 1 go through
-//! [`Backend::forward`], which copies every row of logits back to the host, so their speed-up over
+//! [`Backend::forward`] (host-side batch assembly and validation per step), so their speed-up over
 //! that batch-1 path is a lower bound; `--batch1-via-forward` measures batch 1 the same way as the
 //! batches (like with like, as `serve` runs it). The roofline of a batch (weights of the union of
 //! the experts the N tokens route to, plus each sequence's KV) is not computed: its columns show
@@ -136,8 +137,8 @@ pub struct Args {
     /// Also time each kernel of a batch-1 decode step (CUDA: device events, eager launches).
     #[arg(long)]
     pub profile: bool,
-    /// On CUDA, measure batch 1 through `Backend::forward` (logits copied to the host) like the
-    /// batches N > 1, instead of the device-argmax path with the roofline columns.
+    /// On CUDA, measure batch 1 through `Backend::forward` like the batches N > 1, instead of
+    /// the direct device-argmax path with the roofline columns.
     #[arg(long)]
     pub batch1_via_forward: bool,
     /// Print one JSON object instead of a table.
@@ -167,17 +168,6 @@ fn prompt_tokens(len: usize, s: usize, vocab: u64) -> Vec<u32> {
     (0..len)
         .map(|_| (xorshift(&mut rng) % vocab) as u32)
         .collect()
-}
-
-/// Index of the largest value (the first of equals; NaN never wins).
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Checks the flags before anything is loaded.
@@ -291,12 +281,12 @@ fn measure_batch(
                 seq: s as SeqId,
                 tokens: chunk.to_vec(),
                 start_pos: k * piece,
-                want_logits: LogitsWanted::Last,
+                want_logits: LogitsWanted::LastGreedy,
             };
             let logits = be
                 .forward(&StepBatch { steps: vec![step] })
                 .with_context(|| format!("prefilling sequence {s} ({p} tokens)"))?;
-            last = Some(argmax(logits.last(0)));
+            last = logits.greedy(0);
         }
         tokens.push(vec![last.context("empty prompt")?]);
     }
@@ -311,7 +301,7 @@ fn measure_batch(
                     seq: s as SeqId,
                     tokens: vec![*t.last().expect("one token per sequence")],
                     start_pos: len,
-                    want_logits: LogitsWanted::Last,
+                    want_logits: LogitsWanted::LastGreedy,
                 })
                 .collect(),
         };
@@ -319,7 +309,11 @@ fn measure_batch(
             .forward(&batch)
             .with_context(|| format!("decoding {n} sequences at position {len}"))?;
         for (s, t) in tokens.iter_mut().enumerate() {
-            t.push(argmax(logits.last(s)));
+            t.push(
+                logits
+                    .greedy(s)
+                    .with_context(|| format!("sequence {s}: no logit above -inf"))?,
+            );
         }
         len += 1;
         Ok(())
