@@ -1606,9 +1606,9 @@ fn greedy_steps_match_logits_rows() {
                 .map(|s| single_step(s as u64, vec![toks[s]], lens[s]))
                 .collect();
             let next = run(steps, &|i| (i + k) % 3 != 0);
-            for s in 0..n {
-                toks[s] = next[s];
-                lens[s] += 1;
+            toks[..n].copy_from_slice(&next);
+            for l in &mut lens[..n] {
+                *l += 1;
             }
         }
         println!("  {name}: {checked} steps compared");
