@@ -79,6 +79,21 @@ struct Completion {
 }
 
 /// Collects every event of a request: completions by choice, and the usage.
+/// `bad` ends with the poisoned backend's error; each of `good` completes with tokens 10..=17.
+fn expect_poisoned_error_and_good_tokens(
+    bad: &Receiver<RequestEvent>,
+    good: &[Receiver<RequestEvent>],
+) {
+    match bad.recv_timeout(Duration::from_secs(10)).unwrap() {
+        RequestEvent::Error { message } => assert!(message.contains("poisoned"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    for rx in good {
+        let (c, _) = collect(rx, 1);
+        assert_eq!(c[0].tokens, [10, 11, 12, 13, 14, 15, 16, 17]);
+    }
+}
+
 fn collect(
     rx: &Receiver<RequestEvent>,
     n: usize,
@@ -675,14 +690,7 @@ fn a_greedy_step_without_a_token_fails_only_its_request() {
         ),
         other => panic!("{other:?}"),
     }
-    match poisoned.recv_timeout(Duration::from_secs(10)).unwrap() {
-        RequestEvent::Error { message } => assert!(message.contains("poisoned"), "{message}"),
-        other => panic!("{other:?}"),
-    }
-    for rx in &good {
-        let (c, _) = collect(rx, 1);
-        assert_eq!(c[0].tokens, [10, 11, 12, 13, 14, 15, 16, 17]);
-    }
+    expect_poisoned_error_and_good_tokens(&poisoned, &good);
     wait_idle(&h);
     assert_eq!(*live.lock().unwrap(), 0);
     assert_eq!(h.stats().requests_failed, 2);
@@ -804,14 +812,7 @@ fn a_failing_sequence_does_not_disturb_the_others() {
     let mut bad = Request::new(vec![1, 999, 3]);
     bad.max_tokens = 8;
     let (_, bad_rx) = h.submit_channel(bad).unwrap();
-    match bad_rx.recv_timeout(Duration::from_secs(10)).unwrap() {
-        RequestEvent::Error { message } => assert!(message.contains("poisoned"), "{message}"),
-        other => panic!("{other:?}"),
-    }
-    for rx in &good {
-        let (c, _) = collect(rx, 1);
-        assert_eq!(c[0].tokens, [10, 11, 12, 13, 14, 15, 16, 17]);
-    }
+    expect_poisoned_error_and_good_tokens(&bad_rx, &good);
     wait_idle(&h);
     assert_eq!(*live.lock().unwrap(), 0);
     assert_eq!(h.stats().requests_failed, 1);
