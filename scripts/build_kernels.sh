@@ -24,7 +24,7 @@ fi
 gencode=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_86,code=sm_86
          -gencode arch=compute_89,code=sm_89 -gencode arch=compute_90,code=sm_90
          -gencode arch=compute_80,code=compute_80)
-all=(gemv attention bandwidth moe_mma flash_attn moe_gemm wide)
+all=(gemv attention bandwidth moe_mma flash_attn moe_gemm wide qgemm)
 # `build_kernels.sh NAME...` rebuilds only those fatbins (the hashes are always recorded for all).
 only=("$@")
 for src in "${only[@]:-${all[@]}}"; do
@@ -36,5 +36,5 @@ if [[ -n "${REPORT:-}" ]]; then
     "$NVCC" -cubin -O3 -std=c++17 -arch=sm_90 -Xptxas -v -o /dev/null "$kdir/$src.cu" 2>&1 | grep -E "Function properties|registers|spill|Compiling entry" || true
   done
 fi
-(cd "$kdir" && sha256sum common.cuh gemv.cu attention.cu bandwidth.cu moe_mma.cu flash_attn.cu moe_gemm.cu wide.cu > SOURCES.sha256)
+(cd "$kdir" && sha256sum common.cuh gemv.cu attention.cu bandwidth.cu moe_mma.cu flash_attn.cu moe_gemm.cu wide.cu qgemm.cu > SOURCES.sha256)
 ls -la "$out"

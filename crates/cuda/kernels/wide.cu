@@ -46,13 +46,14 @@ extern "C" __global__ void k_embed_w(QMat m, const int* tok, float* x, int H) {
 
 // Optionally x[t] += (add[t] + add[T + t]) and/or bias (written back; `add` is a GEMM output
 // of 2T rows: the hi and lo parts of a split product, T = gridDim.x), then y = w * (x *
-// rsqrt(mean(x^2) + eps)) (the decode kernels' order of operations), stored as bf16 (ob, row
-// stride H) and, if of != null, as f32. With `split`, row T + t of ob gets the rounding
-// remainder bf16(y - bf16(y)), so a GEMM over the 2T rows of ob sees y to ~2^-16 relative.
+// rsqrt(mean(x^2) + eps)) (the decode kernels' order of operations), stored in ob (row stride
+// H) as bf16 (omode 0), bf16 plus the rounding remainder bf16(y - bf16(y)) in row T + t (omode
+// 1: a GEMM over the 2T rows of ob sees y to ~2^-16 relative), or f16 (omode 2: the input of
+// qgemm.cu's NF4 experts), and, if of != null, as f32.
 // Rows t come from rows[t] when rows != null (the lm_head rows of a launch), else t.
 // Grid T, block 256.
 extern "C" __global__ void k_rmsnorm_w(float* x, const float* add, const float* bias, const float* w, float eps,
-                                       int H, const int* rows, unsigned short* ob, float* of, int split) {
+                                       int H, const int* rows, unsigned short* ob, float* of, int omode) {
     __shared__ float red[32];
     const int t = blockIdx.x, T = gridDim.x;
     const int src = rows ? rows[t] : t;
@@ -68,9 +69,13 @@ extern "C" __global__ void k_rmsnorm_w(float* x, const float* add, const float* 
     const float inv = 1.0f / sqrtf(block_sum(ss, red) / (float)H + eps);
     for (int c = threadIdx.x; c < H; c += blockDim.x) {
         float v = w[c] * (xr[c] * inv);
-        const unsigned short hb = f2bf(v);
-        ob[(size_t)t * H + c] = hb;
-        if (split) ob[(size_t)(T + t) * H + c] = f2bf(v - bf_lo(hb));
+        if (omode == 2) {
+            ob[(size_t)t * H + c] = f2h(v);
+        } else {
+            const unsigned short hb = f2bf(v);
+            ob[(size_t)t * H + c] = hb;
+            if (omode == 1) ob[(size_t)(T + t) * H + c] = f2bf(v - bf_lo(hb));
+        }
         if (of) of[(size_t)t * H + c] = v;
     }
 }

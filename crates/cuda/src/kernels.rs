@@ -22,9 +22,10 @@ pub static MOE_MMA_FATBIN: &[u8] = include_bytes!("../kernels/bin/moe_mma.fatbin
 pub static FLASH_ATTN_FATBIN: &[u8] = include_bytes!("../kernels/bin/flash_attn.fatbin");
 pub static MOE_GEMM_FATBIN: &[u8] = include_bytes!("../kernels/bin/moe_gemm.fatbin");
 pub static WIDE_FATBIN: &[u8] = include_bytes!("../kernels/bin/wide.fatbin");
+pub static QGEMM_FATBIN: &[u8] = include_bytes!("../kernels/bin/qgemm.fatbin");
 
 /// The kernel sources, for the freshness check.
-pub const KERNEL_SOURCES: [(&str, &str); 8] = [
+pub const KERNEL_SOURCES: [(&str, &str); 9] = [
     ("common.cuh", include_str!("../kernels/common.cuh")),
     ("gemv.cu", include_str!("../kernels/gemv.cu")),
     ("attention.cu", include_str!("../kernels/attention.cu")),
@@ -33,6 +34,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 8] = [
     ("flash_attn.cu", include_str!("../kernels/flash_attn.cu")),
     ("moe_gemm.cu", include_str!("../kernels/moe_gemm.cu")),
     ("wide.cu", include_str!("../kernels/wide.cu")),
+    ("qgemm.cu", include_str!("../kernels/qgemm.cu")),
 ];
 /// `sha256sum` of the sources when the fatbins were built.
 pub const KERNEL_SOURCES_SHA256: &str = include_str!("../kernels/SOURCES.sha256");

@@ -18,13 +18,17 @@
 //! decode, where an expert gets a few tokens and every weight byte should be read once. Both tile 128 weight rows per block; the route must be run with the same `BN` as the
 //! GEMM that uses its tiles.
 //!
+//! [`MoeGemm::qgemm`] runs the same contract through kernels/qgemm.cu's pipelined kernels, which
+//! keep the weights packed in shared memory and dequantize in registers: for launches whose
+//! matrices are all 4-bit of one family ([`QElem`]: NF4 with f16 activations, MXFP4 with bf16).
+//!
 //! Every buffer argument is a device address (`u64`); the launchers only queue work on the
 //! stream.
 
 use std::ffi::c_void;
 
 use crate::driver::{Func, Gpu, Module, Stream, launch_threads};
-use crate::kernels::MOE_GEMM_FATBIN;
+use crate::kernels::{K_MXFP4, K_NF4F, K_NF4N, MOE_GEMM_FATBIN, QGEMM_FATBIN};
 
 /// `out[r*ldo + row] = acc + bias[row]` (f32).
 pub const GEMM_F32: i32 = 0;
@@ -81,6 +85,66 @@ impl TileN {
     }
 }
 
+impl TileN {
+    /// Shared-memory stages of the qgemm.cu kernel of this width (its `S`).
+    fn qgemm_stages(self) -> usize {
+        match self {
+            TileN::N128 | TileN::N64 => 4,
+            TileN::N16 => 6,
+        }
+    }
+
+    /// Threads per block of the qgemm.cu kernel of this width.
+    fn qgemm_threads(self) -> u32 {
+        match self {
+            TileN::N128 | TileN::N64 => 128,
+            TileN::N16 => 256,
+        }
+    }
+
+    /// Dynamic shared memory of the qgemm.cu kernel: `S` stages of packed rows (32 bytes each),
+    /// their scale words and nested absmax (4 + 4 bytes each) and `BN` tokens of 64 activations.
+    pub fn qgemm_smem_bytes(self) -> usize {
+        self.qgemm_stages() * (BM * (32 + 4 + 4) + self.bn() * 64 * 2)
+    }
+}
+
+/// Element type of a qgemm.cu launch: that of its activations `x`, of its SwiGLU output and of
+/// the dequantized weights it multiplies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QElem {
+    /// NF4 weights (`K_NF4N`, `K_NF4F`), f16 activations.
+    F16,
+    /// MXFP4 weights (`K_MXFP4`), bf16 activations.
+    Bf16,
+}
+
+impl QElem {
+    /// The element type of matrices of `kind`, if qgemm.cu has kernels for it.
+    pub fn for_kind(kind: i32) -> Option<QElem> {
+        match kind {
+            K_NF4N | K_NF4F => Some(QElem::F16),
+            K_MXFP4 => Some(QElem::Bf16),
+            _ => None,
+        }
+    }
+
+    /// The element type shared by all of `kinds` (None when they differ or one has none).
+    pub fn common(kinds: impl IntoIterator<Item = i32>) -> Option<QElem> {
+        let mut it = kinds.into_iter();
+        let first = QElem::for_kind(it.next()?)?;
+        it.all(|k| QElem::for_kind(k) == Some(first))
+            .then_some(first)
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            QElem::F16 => "f16",
+            QElem::Bf16 => "bf16",
+        }
+    }
+}
+
 /// Size of the `tiles` buffer for `pairs` sorted pairs over `experts` experts (an upper bound
 /// on the tiles [`MoeGemm::route`] writes; also the GEMM grid's y extent).
 pub fn moe_tile_bound(pairs: usize, experts: usize, bn: usize) -> usize {
@@ -112,19 +176,30 @@ pub struct GemmArgs {
     pub rows: usize,
     pub cols: usize,
     pub tiles: Tiles,
-    /// bf16 input rows (16-byte aligned), `ldx` elements apart (a multiple of 8).
+    /// Input rows (16-byte aligned), `ldx` elements apart (a multiple of 8): bf16, or the
+    /// [`QElem`] of a [`MoeGemm::qgemm`] launch.
     pub x: u64,
     pub ldx: usize,
     /// 0: sorted row `r` reads input row `r`; else an int array: input row `gather[r]`.
     pub gather: u64,
     /// [`GEMM_F32`], [`GEMM_F32_ADD`] or [`GEMM_SWIGLU`].
     pub mode: i32,
-    /// Output (f32, or bf16 for [`GEMM_SWIGLU`]), row `r` at `out + r*ldo` elements.
+    /// Output (f32, or for [`GEMM_SWIGLU`] bf16 / the [`QElem`] of a [`MoeGemm::qgemm`]
+    /// launch), row `r` at `out + r*ldo` elements.
     pub out: u64,
     pub ldo: usize,
     /// SwiGLU parameters (unused by the other modes).
     pub alpha: f32,
     pub limit: f32,
+}
+
+fn tile_index(tn: TileN) -> usize {
+    TileN::ALL.iter().position(|&v| v == tn).expect("listed")
+}
+
+fn three(v: Vec<Func>) -> Result<[Func; 3], String> {
+    v.try_into()
+        .map_err(|_| "moe_gemm: one kernel per tile variant".to_string())
 }
 
 /// Builds the argument pointer array of a launch from local variables.
@@ -141,6 +216,9 @@ pub struct MoeGemm {
     /// The GEMM kernel of each [`TileN`], in the order of [`TileN::ALL`].
     gemms: [Func; 3],
     combine: Func,
+    _qmodule: Module,
+    /// qgemm.cu: `[f16 kernels, bf16 kernels]`, each in the order of [`TileN::ALL`].
+    qgemms: [[Func; 3]; 2],
 }
 
 impl MoeGemm {
@@ -153,13 +231,31 @@ impl MoeGemm {
             f.set_max_dynamic_smem(tn.smem_bytes())?;
             gemms.push(f);
         }
+        let qmodule = gpu.load_module(QGEMM_FATBIN)?;
+        let mut qgemms = Vec::new();
+        for elem in [QElem::F16, QElem::Bf16] {
+            let mut fs = Vec::new();
+            for tn in TileN::ALL {
+                let name = format!(
+                    "k_qgemm_{}_{}",
+                    format!("{tn:?}").to_lowercase(),
+                    elem.name()
+                );
+                let f = qmodule.function(&name)?;
+                f.set_max_dynamic_smem(tn.qgemm_smem_bytes())?;
+                fs.push(f);
+            }
+            qgemms.push(three(fs)?);
+        }
         Ok(MoeGemm {
             route: module.function("k_moe_route")?,
-            gemms: gemms
-                .try_into()
-                .map_err(|_| "moe_gemm: one kernel per tile variant".to_string())?,
+            gemms: three(gemms)?,
             combine: module.function("k_moe_combine")?,
             _module: module,
+            qgemms: qgemms
+                .try_into()
+                .map_err(|_| "qgemm: two element types".to_string())?,
+            _qmodule: qmodule,
         })
     }
 
@@ -195,6 +291,29 @@ impl MoeGemm {
     /// `C = W_e · X^T` per tile with the epilogue of `g.mode` (see [`GemmArgs`]). Checks
     /// `cols % 64 == 0`, `rows % 16 == 0` and the alignment of `x` / `ldx`.
     pub fn gemm(&self, s: &Stream, tn: TileN, g: &GemmArgs) -> Result<(), String> {
+        let f = self.gemms[tile_index(tn)];
+        self.launch(f, 256, tn.smem_bytes(), s, tn, g)
+    }
+
+    /// [`MoeGemm::gemm`] through qgemm.cu's pipelined kernel for `elem`: every matrix of
+    /// `g.mats` must be of `elem`'s family ([`QElem::for_kind`]; a block meeting another kind
+    /// leaves its outputs unwritten), `g.x` holds `elem` values and a SwiGLU output is written
+    /// as `elem`.
+    pub fn qgemm(&self, s: &Stream, tn: TileN, elem: QElem, g: &GemmArgs) -> Result<(), String> {
+        let f = self.qgemms[elem as usize][tile_index(tn)];
+        self.launch(f, tn.qgemm_threads(), tn.qgemm_smem_bytes(), s, tn, g)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        &self,
+        f: Func,
+        threads: u32,
+        smem: usize,
+        s: &Stream,
+        tn: TileN,
+        g: &GemmArgs,
+    ) -> Result<(), String> {
         if g.cols == 0 || !g.cols.is_multiple_of(64) || !g.rows.is_multiple_of(16) {
             return Err(format!(
                 "moe_gemm: {}x{} matrices (rows must be a multiple of 16, cols of 64)",
@@ -223,7 +342,6 @@ impl MoeGemm {
             return Ok(());
         }
         let grid = (g.rows.div_ceil(BM) as u32, ny as u32, 1);
-        let f = self.gemms[TileN::ALL.iter().position(|&v| v == tn).expect("listed")];
         let (mats, x, gather, mode, out, alpha, limit) =
             (g.mats, g.x, g.gather, g.mode, g.out, g.alpha, g.limit);
         let (t, ldx, ldo) = (t as i32, g.ldx as i32, g.ldo as i32);
@@ -231,7 +349,7 @@ impl MoeGemm {
         let mut a = args!(
             mats, tiles, ntiles, t, x, ldx, gather, mode, out, ldo, alpha, limit, bias_rows
         );
-        launch_threads(f, grid, 256, tn.smem_bytes(), s, &mut a)
+        launch_threads(f, grid, threads, smem, s, &mut a)
     }
 
     /// `x[t][c] += sum_k wsel[t*k+k] * y[pair_of[t*k+k]][c]` for `t < tokens` (`x` f32

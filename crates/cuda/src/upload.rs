@@ -23,6 +23,7 @@ use crate::kernels::{
     HEAD_DIM, K_BF16, K_F16, K_F32, K_MXFP4, K_NF4F, K_NF4N, LayerDev, MAX_GROUP, MAX_LAYERS, MAXK,
     QMat,
 };
+use crate::moe_gemm::QElem;
 
 /// Extra ring slots of a sliding layer beyond the window: a prefill chunk writes its keys before
 /// its queries read, so the ring must not overwrite keys still visible to the chunk's first query.
@@ -264,7 +265,24 @@ pub struct DeviceModel {
     /// the same 16-entry code, so the tensor-core kernels `k_moe_gu_mma` / `k_moe_dn_mma` (which
     /// build their bf16 table once per block from one expert's code) apply.
     pub experts_bnb_one_code: Vec<bool>,
+    /// Per layer: the [`QElem`] of qgemm.cu's pipelined expert kernels when every expert matrix
+    /// of the layer is 4-bit of one family and, for f16 (NF4), the expert inputs provably fit
+    /// f16 ([`f16_inputs_fit`]); `None`: the layer's experts run through moe_gemm.cu.
+    pub experts_qelem: Vec<Option<QElem>>,
     _buffers: Vec<DevBuf>,
+}
+
+/// Whether a layer's expert inputs fit f16: the gate_up input is the post-attention RMSNorm
+/// output, `|y_c| = |w_c| |x_c| / rms(x) <= sqrt(H) max|w|`, and the down input a clamped SwiGLU
+/// output, `|y| <= limit (limit + 1)`. Half of f16's largest value leaves room for the rounding.
+pub fn f16_inputs_fit(post_norm: &[f32], hidden: usize, swiglu_limit: f64) -> bool {
+    const F16_ROOM: f64 = 65504.0 / 2.0;
+    let max_w = post_norm
+        .iter()
+        .fold(0f64, |m, &v| m.max(f64::from(v).abs()));
+    max_w * (hidden as f64).sqrt() <= F16_ROOM
+        && swiglu_limit.is_finite()
+        && swiglu_limit * (swiglu_limit + 1.0) <= F16_ROOM
 }
 
 /// Checks the shapes the kernels are written for.
@@ -346,6 +364,7 @@ impl DeviceModel {
         let mut layers = Vec::with_capacity(w.layers.len());
         let mut experts_4bit = true;
         let mut experts_bnb_one_code = Vec::with_capacity(w.layers.len());
+        let mut experts_qelem = Vec::with_capacity(w.layers.len());
         for (l, lw) in w.layers.iter().enumerate() {
             let mut one_code = true;
             let mut first_code: Option<&[u8]> = None;
@@ -379,6 +398,11 @@ impl DeviceModel {
                 .chain(&dn)
                 .all(|m| matches!(m.m.kind, K_NF4N | K_NF4F));
             experts_bnb_one_code.push(one_code);
+            let qelem = QElem::common(gu.iter().chain(&dn).map(|m| m.m.kind)).filter(|&e| {
+                e != QElem::F16
+                    || f16_inputs_fit(&lw.post_norm.to_f32(), cfg.hidden_size, cfg.swiglu_limit)
+            });
+            experts_qelem.push(qelem);
             experts_4bit &= gu
                 .iter()
                 .chain(&dn)
@@ -456,6 +480,7 @@ impl DeviceModel {
             max_context,
             experts_4bit,
             experts_bnb_one_code,
+            experts_qelem,
             _buffers: buffers,
         })
     }

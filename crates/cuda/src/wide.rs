@@ -27,7 +27,9 @@ use crate::blas::Blas;
 use crate::driver::{DevBuf, Event, Func, Gpu, Module, PinnedBuf, Stream, launch_threads};
 use crate::flash::FlashAttn;
 use crate::kernels::{Dims, K_BF16, LayerDev, MAX_SEGS, MAXT, QMat, SegDev, WIDE_FATBIN};
-use crate::moe_gemm::{GEMM_F32, GEMM_SWIGLU, GemmArgs, MoeGemm, TileN, Tiles, moe_tile_bound};
+use crate::moe_gemm::{
+    GEMM_F32, GEMM_SWIGLU, GemmArgs, MoeGemm, QElem, TileN, Tiles, moe_tile_bound,
+};
 
 /// Builds the argument pointer array of a launch from local variables.
 macro_rules! args {
@@ -83,8 +85,7 @@ impl WideKernels {
 
     /// RMSNorm of `t` rows of `x` (rows `rows[i]` when `rows != 0`), after adding the split
     /// product `add` (f32 `[2t][h]`: row `i` + row `t + i`) and `bias` into x when they are not
-    /// 0; bf16 out to `ob` (and with `split` the rounding remainders to rows `t..2t` of `ob`),
-    /// f32 to `of` when `of != 0`.
+    /// 0; the normed rows to `ob` as `out` says, and as f32 to `of` when `of != 0`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn rmsnorm(
         &self,
@@ -99,10 +100,10 @@ impl WideKernels {
         rows: u64,
         ob: u64,
         of: u64,
-        split: bool,
+        out: NormOut,
     ) -> Result<(), String> {
-        let (h, split) = (h as i32, split as i32);
-        let mut a = args!(x, add, bias, w, eps, h, rows, ob, of, split);
+        let (h, omode) = (h as i32, out as i32);
+        let mut a = args!(x, add, bias, w, eps, h, rows, ob, of, omode);
         launch_threads(self.rmsnorm, (t as u32, 1, 1), 256, 0, s, &mut a)
     }
 
@@ -315,6 +316,17 @@ pub(crate) fn attn_geometry(l: &LayerDev) -> (usize, usize) {
     (l.ring.max(0) as usize, l.window.max(0) as usize)
 }
 
+/// How `k_rmsnorm_w` stores the normed rows (its `omode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NormOut {
+    /// bf16 rows.
+    Bf16 = 0,
+    /// bf16 rows `0..t` and their rounding remainders in rows `t..2t` (a split activation).
+    Bf16Split = 1,
+    /// f16 rows (the input of qgemm.cu's NF4 experts).
+    F16 = 2,
+}
+
 /// Everything the wide path needs, loaded next to the decode kernels.
 pub(crate) struct Wide {
     pub(crate) k: WideKernels,
@@ -323,6 +335,40 @@ pub(crate) struct Wide {
     pub(crate) scratch: WideScratch,
     /// Dropped before the stream (declared before `CudaBackend::gpu`).
     pub(crate) blas: Option<Blas>,
+    /// Which expert launches go through qgemm.cu (where the layer qualifies).
+    pub(crate) qgemm: QgemmUse,
+}
+
+/// Which expert GEMM launches of the wide path use qgemm.cu's pipelined kernels.
+///
+/// Measured on the H100 (bench/CUDA.md, session 6): for 16-token tiles (batched decode,
+/// memory-bound) qgemm.cu reads the weights 6-12 % faster than moe_gemm.cu's `k_gemm_q_n16`;
+/// for prefill tiles its register dequantization is latency-bound and 13-20 % slower than
+/// `k_gemm_q_n128`, so prefill stays on moe_gemm.cu by default. `GPTOSS_CUDA_QGEMM` = `0`
+/// (never), `decode` (default) or `all` (every width: f16 NF4 experts in prefill too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum QgemmUse {
+    Never,
+    Decode,
+    All,
+}
+
+impl QgemmUse {
+    fn from_env() -> QgemmUse {
+        match std::env::var("GPTOSS_CUDA_QGEMM").as_deref() {
+            Ok("0") => QgemmUse::Never,
+            Ok("all") => QgemmUse::All,
+            _ => QgemmUse::Decode,
+        }
+    }
+
+    fn applies(self, tn: TileN) -> bool {
+        match self {
+            QgemmUse::Never => false,
+            QgemmUse::Decode => tn == TileN::N16,
+            QgemmUse::All => true,
+        }
+    }
 }
 
 impl Wide {
@@ -333,6 +379,7 @@ impl Wide {
             moe: MoeGemm::load(gpu)?,
             scratch: WideScratch::new(gpu, d, cap)?,
             blas: Blas::open(&gpu.stream)?,
+            qgemm: QgemmUse::from_env(),
         })
     }
 }
@@ -484,10 +531,28 @@ impl CudaBackend {
         for l in 0..d.layers {
             let lh = &m.layers[l];
             let ld = m.layer_dev.ptr;
+            // The experts' kernel family: qgemm.cu where it applies (its element type is that of
+            // the experts' input and SwiGLU output), else moe_gemm.cu (bf16).
+            let qelem = m.experts_qelem[l].filter(|_| w.qgemm.applies(tn));
+            let expert_gemm = |g: &GemmArgs| match qelem {
+                Some(e) => w.moe.qgemm(s, tn, e, g),
+                None => w.moe.gemm(s, tn, g),
+            };
             prof.mark(s, "norm + q/k/v")?;
             // Hi rows 0..t and lo rows t..2t of the normed input, multiplied in one GEMM.
             w.k.rmsnorm(
-                s, ws.x.ptr, 0, 0, lh.in_norm, d.eps, d.h, t, 0, ws.xb.ptr, 0, true,
+                s,
+                ws.x.ptr,
+                0,
+                0,
+                lh.in_norm,
+                d.eps,
+                d.h,
+                t,
+                0,
+                ws.xb.ptr,
+                0,
+                NormOut::Bf16Split,
             )?;
             let mut biases = [0u64; 3];
             for (i, (qm, off, col)) in [
@@ -578,7 +643,11 @@ impl CudaBackend {
                 0,
                 ws.xb.ptr,
                 ws.hf.ptr,
-                false,
+                if qelem == Some(QElem::F16) {
+                    NormOut::F16
+                } else {
+                    NormOut::Bf16
+                },
             )?;
             w.k.router(s, &lh.router, ws.hf.ptr, d, t, ws.sel.ptr, ws.wsel.ptr)?;
             prof.mark(s, "moe route")?;
@@ -614,7 +683,7 @@ impl CudaBackend {
                 limit: d.limit,
             };
             prof.mark(s, "moe gate_up")?;
-            w.moe.gemm(s, tn, &gu)?;
+            expert_gemm(&gu)?;
             let dn = GemmArgs {
                 mats: lh.dn,
                 rows: d.h,
@@ -628,7 +697,7 @@ impl CudaBackend {
                 ..gu
             };
             prof.mark(s, "moe down")?;
-            w.moe.gemm(s, tn, &dn)?;
+            expert_gemm(&dn)?;
             prof.mark(s, "moe combine")?;
             w.moe.combine(
                 s,
@@ -736,7 +805,7 @@ impl CudaBackend {
                 ws.rows.ptr,
                 ws.xb.ptr,
                 0,
-                false,
+                NormOut::Bf16,
             )?;
             b.gemm_bf16(
                 m.lm_head.w,
