@@ -374,3 +374,42 @@ impl MoeGemm {
         launch_threads(self.combine, (tokens as u32, 1, 1), 256, 0, s, &mut a)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::{K_BF16, K_F32};
+    use crate::upload::f16_inputs_fit;
+
+    #[test]
+    fn qelem_needs_one_4bit_family() {
+        assert_eq!(QElem::common([K_NF4N, K_NF4F, K_NF4N]), Some(QElem::F16));
+        assert_eq!(QElem::common([K_MXFP4, K_MXFP4]), Some(QElem::Bf16));
+        assert_eq!(QElem::common([K_NF4N, K_MXFP4]), None);
+        assert_eq!(QElem::common([K_NF4N, K_BF16]), None);
+        assert_eq!(QElem::common([K_F32]), None);
+        assert_eq!(QElem::common([]), None);
+    }
+
+    #[test]
+    fn f16_range_check_bounds_both_expert_inputs() {
+        // sqrt(2880) ≈ 53.7: norm weights up to ~600 keep the gate_up input below 32752.
+        assert!(f16_inputs_fit(&[1.0, -2.5, 0.3], 2880, 7.0));
+        assert!(!f16_inputs_fit(&[1.0, -700.0], 2880, 7.0));
+        assert!(!f16_inputs_fit(&[1.0], 2880, f64::INFINITY));
+        assert!(!f16_inputs_fit(&[1.0], 2880, 200.0));
+    }
+
+    #[test]
+    fn qgemm_tiles_fit_consumer_gpus() {
+        // 99 KB of dynamic + static shared memory per block is the opt-in limit of sm_86/sm_89;
+        // the kernels' static part is at most 1.5 KB (the nested code table and token offsets).
+        for tn in TileN::ALL {
+            assert!(
+                tn.qgemm_smem_bytes() + 1536 <= 99 * 1024,
+                "{tn:?}: {} bytes",
+                tn.qgemm_smem_bytes()
+            );
+        }
+    }
+}
