@@ -6,8 +6,11 @@
 //! - gate_up (SwiGLU) + down + combine at the 20b shapes (H = I = 2880) with mixed expert kinds
 //!   (NF4 nested, NF4 f32 absmax, MXFP4, bf16), both tile widths, vs an f32 CPU reference from the
 //!   exactly decoded weights and the bf16 inputs (each stage fed the GPU's own input);
+//! - qgemm.cu (pipelined, dequantization in registers): NF4 experts with f16 activations and
+//!   MXFP4 with bf16, every width, vs the same f32 reference with tighter bounds;
 //! - dense mode (one matrix, residual add) for every kind;
-//! - timings: prefill T = 4096 (TFLOP/s), batched decode T = 32 (GB/s of weights).
+//! - timings: prefill T = 4096 (TFLOP/s), batched decode T = 32 (GB/s of weights), both kernel
+//!   families.
 //!
 //! Fresh random data each run (the seed is printed); outputs are poisoned with 0xFF bytes (NaN)
 //! first, so an element the kernel forgets fails the check.
